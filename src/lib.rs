@@ -1,0 +1,13 @@
+//! driveline: retinal-vessel segmentation experiments from declarative TOML files.
+//!
+//! Follow the DAG to find any behaviour: `config` (experiment schema) →
+//! `pipeline` (stage graph, keys, cache, runner) → `stages` (split, preprocess,
+//! train, evaluate, report) → `model` / `data`.
+
+pub mod config;
+pub mod data;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod report;
+pub mod stages;

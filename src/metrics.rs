@@ -1,0 +1,1 @@
+//! Confusion counts and segmentation metrics.
