@@ -1,1 +1,263 @@
-fn main() {}
+//! `driveline`: run retinal-vessel segmentation experiments declared in TOML files.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use driveline::config::{self, Loaded};
+use driveline::pipeline::runner::{self, ExperimentReport};
+use driveline::pipeline::{Env, Pipeline, RunOptions};
+
+/// The embedded default experiment: synthetic data and a small model, end to end in minutes.
+const QUICK: &str = include_str!("../experiments/quick.toml");
+
+#[derive(Parser)]
+#[command(
+    name = "driveline",
+    version,
+    about = "Retinal-vessel segmentation experiments from declarative TOML files"
+)]
+struct Cli {
+    /// Cache directory (default: <project>/.driveline/cache).
+    #[arg(long, global = true, env = "DRIVELINE_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Worker threads (default: every core; RAYON_NUM_THREADS is respected too).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the stale stages of experiments (default: the embedded quick experiment).
+    Run {
+        experiments: Vec<PathBuf>,
+        /// Override a key: --set train.lr=3e-4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Stop after this stage.
+        #[arg(long)]
+        until: Option<String>,
+        /// Re-run this stage and everything downstream even if cached.
+        #[arg(long)]
+        force: Option<String>,
+        /// Show what would run, run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show fresh/stale per stage, with the reason; runs nothing.
+    Status {
+        experiments: Vec<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an experiment's stage graph.
+    Dag {
+        experiment: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Graphviz output.
+        #[arg(long)]
+        dot: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot configure the thread pool")?;
+    }
+    match cli.cmd {
+        Cmd::Run {
+            experiments,
+            sets,
+            until,
+            force,
+            dry_run,
+            json,
+        } => {
+            let exps = load_all(&experiments, &sets)?;
+            let env = Env::new(&project_root(&experiments), cli.cache_dir.as_deref())?;
+            let opts = RunOptions {
+                until,
+                force,
+                dry_run,
+                quiet: json,
+            };
+            let reports = run_all(&env, &exps, &opts)?;
+            if json {
+                print_json(&reports)?;
+            }
+            Ok(())
+        }
+        Cmd::Status {
+            experiments,
+            sets,
+            json,
+        } => {
+            let exps = load_all(&experiments, &sets)?;
+            let env = Env::new(&project_root(&experiments), cli.cache_dir.as_deref())?;
+            let mut reports = Vec::new();
+            for l in &exps {
+                let pipeline = Pipeline::load(&l.exp.pipeline, &env.project_root)?;
+                let planned = runner::plan(&env, l, &pipeline)?;
+                if !json {
+                    println!("{} ({})", l.exp.name, pipeline.name);
+                }
+                let mut stages = Vec::new();
+                for p in planned {
+                    if !json {
+                        match &p.stale {
+                            None => println!("  {}: fresh ({})", p.name, &p.key[..12]),
+                            Some(r) => println!("  {}: stale ({r})", p.name),
+                        }
+                    }
+                    stages.push(runner::StageReport {
+                        name: p.name,
+                        status: if p.stale.is_some() { "stale" } else { "fresh" }.into(),
+                        key: p.key,
+                        seconds: 0.0,
+                        reason: p.stale,
+                    });
+                }
+                reports.push(ExperimentReport {
+                    name: l.exp.name.clone(),
+                    stages,
+                });
+            }
+            if json {
+                print_json(&reports)?;
+            }
+            Ok(())
+        }
+        Cmd::Dag {
+            experiment,
+            sets,
+            dot,
+        } => {
+            let files: Vec<PathBuf> = experiment.into_iter().collect();
+            let exps = load_all(&files, &sets)?;
+            let root = project_root(&files);
+            for l in &exps {
+                let p = Pipeline::load(&l.exp.pipeline, &root)?;
+                if dot {
+                    print!("{}", p.to_dot());
+                } else {
+                    println!(
+                        "{}: pipeline `{}` ({})",
+                        l.exp.name,
+                        p.name,
+                        p.file.display()
+                    );
+                    for s in &p.stages {
+                        let needs = if s.needs.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ← {}", s.needs.join(", "))
+                        };
+                        println!("  {} [{}]{needs}", s.name, s.kind());
+                        if !s.params.is_empty() {
+                            println!("      params: {}", s.params.join(", "));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_json(reports: &[ExperimentReport]) -> Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string(&serde_json::json!({ "experiments": reports }))?
+    );
+    Ok(())
+}
+
+fn run_all(env: &Env, exps: &[Loaded], opts: &RunOptions) -> Result<Vec<ExperimentReport>> {
+    let mut done_now = BTreeSet::new();
+    let mut reports = Vec::new();
+    for l in exps {
+        reports.push(runner::run(env, l, opts, &mut done_now)?);
+    }
+    Ok(reports)
+}
+
+/// The project root: the nearest ancestor of the first experiment file that has a
+/// `pipelines/` folder; else the working directory.
+fn project_root(experiments: &[PathBuf]) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    if let Some(first) = experiments.first() {
+        let abs = if first.is_absolute() {
+            first.clone()
+        } else {
+            cwd.join(first)
+        };
+        let mut dir = abs.parent();
+        while let Some(d) = dir {
+            if d.join("pipelines").is_dir() {
+                return d.to_path_buf();
+            }
+            dir = d.parent();
+        }
+    }
+    cwd
+}
+
+/// Load every experiment (all problems of all files are reported before anything runs).
+fn load_all(files: &[PathBuf], sets: &[String]) -> Result<Vec<Loaded>> {
+    let root = project_root(files);
+    if files.is_empty() {
+        let quick = root.join("experiments").join("quick.toml");
+        let loaded = if quick.is_file() {
+            config::load(&quick, sets, &root)
+        } else {
+            config::load_str(QUICK, Path::new("<embedded>/quick.toml"), sets, &root)
+        };
+        return Ok(vec![loaded?]);
+    }
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for f in files {
+        match config::load(f, sets, &root) {
+            Ok(l) => out.push(l),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    if !errors.is_empty() {
+        bail!("invalid experiment:\n{}", errors.join("\n"));
+    }
+    let mut names = BTreeSet::new();
+    for l in &out {
+        if !names.insert(l.exp.name.clone()) {
+            bail!("two experiments are named `{}`", l.exp.name);
+        }
+    }
+    Ok(out)
+}

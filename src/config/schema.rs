@@ -60,7 +60,7 @@ pub enum Normalize {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     pub layout: Layout,
     /// Dataset root. Relative paths in experiment files resolve against the project root.
@@ -361,5 +361,232 @@ pub struct ReportConfig {
 impl Default for ReportConfig {
     fn default() -> Self {
         Self { images: 4 }
+    }
+}
+
+impl Experiment {
+    /// A default experiment (all schema defaults, empty name): the template that tells which
+    /// keys exist.
+    pub fn template() -> Self {
+        Experiment {
+            name: String::new(),
+            extends: None,
+            description: String::new(),
+            pipeline: default_pipeline(),
+            data: DataConfig::default(),
+            model: ModelConfig::default(),
+            train: TrainConfig::default(),
+            augment: AugmentConfig::default(),
+            evaluate: EvaluateConfig::default(),
+            report: ReportConfig::default(),
+        }
+    }
+
+    /// The canonical value of a dotted key or section (`train.lr`, `augment`), as JSON.
+    pub fn value_at(&self, path: &str) -> Option<serde_json::Value> {
+        let mut v = serde_json::to_value(self).ok()?;
+        for part in path.split('.') {
+            v = v.get_mut(part)?.take();
+        }
+        Some(v)
+    }
+
+    /// Range checks the types cannot express: (dotted key, message) for each problem.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p: Vec<(String, String)> = Vec::new();
+        let mut bad = |k: &str, m: String| p.push((k.to_string(), m));
+        let ok_name = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+                && !s.starts_with('.')
+        };
+        if !ok_name(&self.name) {
+            bad(
+                "name",
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, '_', '-', '.'",
+                    self.name
+                ),
+            );
+        }
+        if !ok_name(&self.pipeline) {
+            bad(
+                "pipeline",
+                format!("{:?} is not a pipeline name", self.pipeline),
+            );
+        }
+        let d = &self.data;
+        if d.layout != Layout::SplitDirs && d.valid_ids.is_empty() && d.valid_count == 0 {
+            bad("data.valid_count", "must be at least 1".into());
+        }
+        if d.layout == Layout::Synthetic {
+            let s = &d.synthetic;
+            if s.count < 2 {
+                bad("data.synthetic.count", format!("{} is below 2", s.count));
+            } else if d.valid_ids.is_empty() && d.valid_count >= s.count {
+                bad(
+                    "data.valid_count",
+                    format!(
+                        "{} leaves no training image out of data.synthetic.count = {}",
+                        d.valid_count, s.count
+                    ),
+                );
+            }
+            if s.width < 32 || s.height < 32 {
+                bad(
+                    "data.synthetic.width",
+                    format!("{}×{} is below 32×32", s.width, s.height),
+                );
+            }
+            if s.vessel_width.is_nan() || s.vessel_width <= 0.0 {
+                bad(
+                    "data.synthetic.vessel_width",
+                    format!("{} must be > 0", s.vessel_width),
+                );
+            }
+        } else if d.root.is_empty() {
+            bad("data.root", "must name the dataset folder".into());
+        }
+        let m = &self.model;
+        if m.num_classes < 2 {
+            bad("model.num_classes", format!("{} is below 2", m.num_classes));
+        }
+        if m.widths.is_empty() || m.widths.len() > 6 || m.widths.contains(&0) {
+            bad(
+                "model.widths",
+                format!("{:?}: 1 to 6 levels, each at least 1 channel", m.widths),
+            );
+        }
+        let t = &self.train;
+        if t.imgsz < 64 || t.imgsz % 8 != 0 {
+            bad(
+                "train.imgsz",
+                format!("{} must be a multiple of 8 and at least 64", t.imgsz),
+            );
+        }
+        if t.epochs == 0 && t.steps == 0 {
+            bad(
+                "train.epochs",
+                "must be at least 1 (or set train.steps)".into(),
+            );
+        }
+        if t.steps > 0 && t.valid_every_steps == 0 {
+            bad("train.valid_every_steps", "must be at least 1".into());
+        }
+        if t.batch == 0 {
+            bad("train.batch", "must be at least 1".into());
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            bad("train.lr", format!("{} must be > 0", t.lr));
+        }
+        if !(0.0..1.0).contains(&t.momentum) {
+            bad(
+                "train.momentum",
+                format!("{} must be in [0, 1)", t.momentum),
+            );
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            bad(
+                "train.weight_decay",
+                format!("{} must be >= 0", t.weight_decay),
+            );
+        }
+        if !(t.gamma > 0.0 && t.gamma <= 1.0) {
+            bad("train.gamma", format!("{} must be in (0, 1]", t.gamma));
+        }
+        if t.step_size == 0 {
+            bad("train.step_size", "must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&t.lr_min_factor) {
+            bad(
+                "train.lr_min_factor",
+                format!("{} must be in [0, 1]", t.lr_min_factor),
+            );
+        }
+        if !t.class_weights.is_empty()
+            && (t.class_weights.len() != m.num_classes
+                || t.class_weights.iter().any(|w| !(w.is_finite() && *w > 0.0)))
+        {
+            bad(
+                "train.class_weights",
+                format!(
+                    "{:?}: one positive weight per class ({} classes)",
+                    t.class_weights, m.num_classes
+                ),
+            );
+        }
+        let dev_ok = t.device == "cpu"
+            || t.device == "cuda"
+            || t.device == "auto"
+            || t.device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<usize>().is_ok());
+        if !dev_ok {
+            bad(
+                "train.device",
+                format!("{:?}: expected cpu, cuda, cuda:N or auto", t.device),
+            );
+        }
+        if t.crop != 0 && (t.crop < 32 || t.crop % 8 != 0) {
+            bad(
+                "train.crop",
+                format!("{} must be 0 (off) or a multiple of 8, at least 32", t.crop),
+            );
+        }
+        let a = &self.augment;
+        if !(0.0..=180.0).contains(&a.rotate) {
+            bad(
+                "augment.rotate",
+                format!("{} must be in [0, 180] degrees", a.rotate),
+            );
+        }
+        if !(a.scale_min > 0.0 && a.scale_min <= a.scale_max && a.scale_max <= 4.0) {
+            bad(
+                "augment.scale_min",
+                format!(
+                    "[{}, {}]: need 0 < scale_min <= scale_max <= 4",
+                    a.scale_min, a.scale_max
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&a.brightness) {
+            bad(
+                "augment.brightness",
+                format!("{} must be in [0, 1]", a.brightness),
+            );
+        }
+        if !(0.0..1.0).contains(&a.contrast) {
+            bad(
+                "augment.contrast",
+                format!("{} must be in [0, 1)", a.contrast),
+            );
+        }
+        let e = &self.evaluate;
+        if !(e.threshold > 0.0 && e.threshold < 1.0) {
+            bad(
+                "evaluate.threshold",
+                format!("{} must be in (0, 1)", e.threshold),
+            );
+        }
+        if e.tile != 0 && (e.tile < 64 || e.tile % 8 != 0) {
+            bad(
+                "evaluate.tile",
+                format!(
+                    "{} must be 0 (whole image) or a multiple of 8, at least 64",
+                    e.tile
+                ),
+            );
+        }
+        if e.tile != 0 && e.overlap * 2 >= e.tile {
+            bad(
+                "evaluate.overlap",
+                format!(
+                    "{} must be less than half of evaluate.tile ({})",
+                    e.overlap, e.tile
+                ),
+            );
+        }
+        p
     }
 }

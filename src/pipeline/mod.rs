@@ -1,1 +1,10 @@
-//! placeholder
+//! The runner: DAG from `pipelines/*.toml`, stage keys, the content-addressed cache.
+
+pub mod cache;
+pub mod dag;
+pub mod progress;
+pub mod runner;
+
+pub use cache::Cache;
+pub use dag::Pipeline;
+pub use runner::{Env, RunOptions};
