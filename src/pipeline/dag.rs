@@ -147,9 +147,11 @@ impl Pipeline {
             };
             let ancestors = ancestors(&by_name, &s.name);
             for req in imp.requires() {
-                if !ancestors.iter().any(|a| by_name[a.as_str()].kind() == *req) {
+                if !ancestors.iter().any(|a| {
+                    stages::lookup(by_name[a.as_str()].kind()).is_some_and(|i| i.role() == *req)
+                }) {
                     bail!(
-                        "{f}: stage `{}` ({}) needs a `{req}` stage upstream, but none is in its `needs`",
+                        "{f}: stage `{}` ({}) needs a `{req}` stage upstream (through `needs`), but none is there",
                         s.name,
                         s.kind()
                     );

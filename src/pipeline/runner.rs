@@ -312,7 +312,7 @@ pub fn run(
             say(format!("  {}: cached ({})", p.name, &p.key[..12]));
             published.insert(
                 p.name.clone(),
-                (p.kind.clone(), env.cache.object_dir(&p.key)),
+                (role_of(&p.kind), env.cache.object_dir(&p.key)),
             );
             report.stages.push(StageReport {
                 name: p.name.clone(),
@@ -340,7 +340,7 @@ pub fn run(
         link_run(env, &exp.name, &p.name, &p.key)?;
         published.insert(
             p.name.clone(),
-            (p.kind.clone(), env.cache.object_dir(&p.key)),
+            (role_of(&p.kind), env.cache.object_dir(&p.key)),
         );
         report.stages.push(StageReport {
             name: p.name.clone(),
@@ -351,6 +351,10 @@ pub fn run(
         });
     }
     Ok(report)
+}
+
+fn role_of(kind: &str) -> String {
+    stages::lookup(kind).map_or(kind, |s| s.role()).to_string()
 }
 
 fn stage_names(p: &Pipeline) -> String {

@@ -16,6 +16,9 @@ impl Stage for Debug {
     fn version(&self) -> u32 {
         1
     }
+    fn role(&self) -> &'static str {
+        "debug"
+    }
 
     fn run(&self, ctx: &StageCtx) -> Result<()> {
         let out = ctx.out.join("params.json");

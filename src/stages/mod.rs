@@ -11,12 +11,17 @@ use crate::config::Experiment;
 use crate::pipeline::progress::Progress;
 
 mod debug;
+pub mod preprocess;
+pub mod split;
 
 /// One kind of stage.
 pub trait Stage: Sync {
     /// Bump when the output for the same inputs changes: it is part of every key.
     fn version(&self) -> u32;
-    /// Kinds that must be upstream (through `needs`) of a stage of this kind.
+    /// What this stage provides to stages downstream (`split`, `preprocess`, `train`, ...):
+    /// two implementations of one role are interchangeable (e.g. `preprocess_native`).
+    fn role(&self) -> &'static str;
+    /// Roles that must be upstream (through `needs`) of a stage of this kind.
     fn requires(&self) -> &'static [&'static str] {
         &[]
     }
@@ -34,14 +39,14 @@ pub struct StageCtx<'a> {
     pub stage: &'a str,
     /// Where to write outputs (published as a whole when `run` succeeds).
     pub out: &'a Path,
-    /// Every upstream stage (transitively): name → (kind, published directory).
+    /// Every upstream stage (transitively): name → (role, published directory).
     pub upstream: BTreeMap<String, (String, PathBuf)>,
     pub project_root: &'a Path,
     pub progress: &'a Progress,
 }
 
 impl StageCtx<'_> {
-    /// The published output directory of the upstream stage of `kind`.
+    /// The published output directory of the upstream stage with this role.
     pub fn input(&self, kind: &str) -> Result<&Path> {
         let mut found = self.upstream.values().filter(|(k, _)| k == kind);
         match (found.next(), found.next()) {
@@ -56,10 +61,13 @@ impl StageCtx<'_> {
 }
 
 /// Every implementation, by kind.
-pub const KINDS: &[&str] = &["debug"];
+pub const KINDS: &[&str] = &["split", "preprocess", "preprocess_native", "debug"];
 
 pub fn lookup(kind: &str) -> Option<&'static dyn Stage> {
     match kind {
+        "split" => Some(&split::Split),
+        "preprocess" => Some(&preprocess::Preprocess),
+        "preprocess_native" => Some(&preprocess::PreprocessNative),
         "debug" => Some(&debug::Debug),
         _ => None,
     }
