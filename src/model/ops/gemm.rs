@@ -1,0 +1,104 @@
+//! Thin safe wrapper over the `gemm` crate (the same GEMM kernels Candle's CPU matmul uses).
+
+use candle_core::WithDType;
+
+/// A strided, read-only view of a `rows` × `cols` matrix inside a slice.
+#[derive(Clone, Copy)]
+pub(crate) struct MatRef<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    /// Distance between consecutive rows.
+    pub rs: usize,
+    /// Distance between consecutive columns.
+    pub cs: usize,
+}
+
+impl<'a, T> MatRef<'a, T> {
+    /// Row-major contiguous matrix.
+    pub fn row_major(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Self {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    /// The transpose of this matrix (no copy).
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Whether every element the view addresses lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `dst = a · b` (or `dst += a · b` when `accumulate`), `dst` row-major `a.rows` × `b.cols`.
+///
+/// Panics if the shapes disagree or a view reaches outside its slice (internal invariants, not
+/// user input). Runs on Candle's thread count through rayon.
+pub(crate) fn matmul<T: WithDType>(
+    dst: &mut [T],
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    accumulate: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "gemm inner dimensions");
+    assert!(
+        dst.len() >= m * n && a.in_bounds() && b.in_bounds(),
+        "gemm view out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::from_f64(0.0));
+        }
+        return;
+    }
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 && m * n * k > 32 * 32 * 32 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above guarantee every index the kernel touches is inside the slices,
+    // and `dst` is exclusively borrowed so it cannot alias `a` or `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::from_f64(1.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}

@@ -1,0 +1,154 @@
+//! Finite-difference gradient checks (f64) for the custom ops in `driveline::model::ops`.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use driveline::model::ops;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn randn(rng: &mut StdRng, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Checks d/dinputs of `sum(f(inputs) * r)` against central differences on up to `max_checks`
+/// evenly spaced elements of each input.
+fn check_grad(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, max_checks: usize) {
+    let mut rng = StdRng::seed_from_u64(7);
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts).unwrap();
+    let r = randn(&mut rng, y.dims());
+    let loss = |ts: &[Tensor]| -> f64 {
+        (f(ts).unwrap() * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let grads = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let eps = 1e-5;
+    for (i, v) in vars.iter().enumerate() {
+        let g: Vec<f64> = grads
+            .get(v)
+            .expect("missing gradient")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = inputs[i].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(g.len(), base.len());
+        let step = base.len().div_ceil(max_checks).max(1);
+        for j in (0..base.len()).step_by(step) {
+            let eval = |d: f64| {
+                let mut p = base.clone();
+                p[j] += d;
+                let mut ts = inputs.to_vec();
+                ts[i] = Tensor::from_vec(p, inputs[i].dims(), &Device::Cpu).unwrap();
+                loss(&ts)
+            };
+            let num = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            assert!(
+                (num - g[j]).abs() <= 1e-6 * (1.0 + num.abs()),
+                "input {i} element {j}: analytic {} vs numeric {num}",
+                g[j]
+            );
+        }
+    }
+}
+
+#[test]
+fn conv2d_grad_various_geometries() {
+    let mut rng = StdRng::seed_from_u64(1);
+    // (n, c, h, w, o, k, stride, padding, dilation)
+    let cases = [
+        (2, 3, 7, 6, 4, 3, 1, 1, 1),
+        (2, 3, 7, 8, 4, 3, 2, 1, 1),
+        (1, 4, 7, 7, 3, 1, 2, 0, 1),
+        (2, 4, 5, 6, 3, 1, 1, 0, 1),
+        (1, 2, 9, 8, 3, 3, 1, 2, 2),
+        (1, 2, 5, 5, 2, 3, 1, 6, 6),
+        (1, 2, 11, 10, 2, 7, 2, 3, 1),
+        (1, 3, 6, 6, 2, 2, 1, 0, 1),
+    ];
+    for &(n, c, h, w, o, k, s, p, d) in &cases {
+        let x = randn(&mut rng, &[n, c, h, w]);
+        let wt = randn(&mut rng, &[o, c, k, k]);
+        let b = randn(&mut rng, &[o]);
+        check_grad(
+            &[x, wt, b],
+            |t| ops::conv2d(&t[0], &t[1], Some(&t[2]), s, p, d),
+            60,
+        );
+    }
+}
+
+#[test]
+fn max_pool_grad() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let x = randn(&mut rng, &[2, 3, 9, 8]);
+    check_grad(
+        std::slice::from_ref(&x),
+        |t| ops::max_pool2d(&t[0], 3, 2, 1),
+        500,
+    );
+    check_grad(&[x], |t| ops::max_pool2d(&t[0], 2, 2, 0), 500);
+}
+
+#[test]
+fn resize_bilinear_grad_up_and_down() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let x = randn(&mut rng, &[2, 2, 5, 6]);
+    check_grad(
+        std::slice::from_ref(&x),
+        |t| ops::resize_bilinear(&t[0], 11, 9),
+        200,
+    );
+    check_grad(
+        std::slice::from_ref(&x),
+        |t| ops::resize_bilinear(&t[0], 3, 4),
+        200,
+    );
+    let one = randn(&mut rng, &[1, 3, 1, 1]);
+    check_grad(&[one], |t| ops::resize_bilinear(&t[0], 4, 5), 10);
+}
+
+#[test]
+fn conv_transpose2d_grad() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let x = randn(&mut rng, &[2, 3, 4, 5]);
+    let w = randn(&mut rng, &[3, 2, 2, 2]);
+    let b = randn(&mut rng, &[2]);
+    check_grad(
+        &[x, w, b],
+        |t| ops::conv_transpose2d(&t[0], &t[1], Some(&t[2]), 2),
+        100,
+    );
+}
+
+#[test]
+fn batchnorm_train_grad() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let x = randn(&mut rng, &[3, 2, 4, 5]);
+    let w = randn(&mut rng, &[2]);
+    let b = randn(&mut rng, &[2]);
+    let zeros = Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap();
+    let ones = Tensor::ones(2, DType::F64, &Device::Cpu).unwrap();
+    let bn = |t: &[Tensor]| {
+        let bn = ops::BatchNorm2d {
+            weight: Var::from_tensor(&t[1]).unwrap(),
+            bias: Var::from_tensor(&t[2]).unwrap(),
+            running_mean: Var::from_tensor(&zeros).unwrap(),
+            running_var: Var::from_tensor(&ones).unwrap(),
+            momentum: 0.1,
+            eps: 1e-5,
+        };
+        // `Var::from_tensor` on the checker's variables keeps their identity.
+        bn.forward(&t[0], true)
+    };
+    check_grad(&[x, w, b], bn, 120);
+}
