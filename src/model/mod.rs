@@ -1,3 +1,133 @@
 //! Models: ResNet backbones, DeepLabV3 (ASPP), U-Net, the custom ops they need, checkpoints.
+//!
+//! [`SegModel`] is what the stages use: built from a [`ModelConfig`] and a seed, it owns every
+//! parameter and buffer under torchvision's `state_dict` keys, so checkpoints and torchvision
+//! weights map key for key (see [`checkpoint`]).
 
+pub mod checkpoint;
+pub mod deeplabv3;
+pub mod layers;
 pub mod ops;
+pub mod resnet;
+pub mod unet;
+
+use std::collections::HashMap;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor, Var};
+
+use crate::config::schema::{Arch, ModelConfig};
+use deeplabv3::DeepLabV3;
+use layers::{Builder, ParamStore};
+use unet::UNet;
+
+/// The network behind a [`SegModel`].
+#[derive(Debug)]
+pub enum Net {
+    DeepLabV3(DeepLabV3),
+    UNet(UNet),
+}
+
+/// A segmentation model: the network plus its parameter store.
+#[derive(Debug)]
+pub struct SegModel {
+    config: ModelConfig,
+    device: Device,
+    store: ParamStore,
+    net: Net,
+}
+
+impl SegModel {
+    /// Builds the network of `cfg` on `device`, initialised like PyTorch/torchvision from
+    /// `seed` (same seed, same weights). `cfg.pretrained` is *not* loaded here: call
+    /// [`checkpoint::load_pretrained`].
+    pub fn new(cfg: &ModelConfig, device: &Device, seed: u64) -> anyhow::Result<Self> {
+        if cfg.num_classes == 0 {
+            anyhow::bail!("model.num_classes must be at least 1");
+        }
+        let mut b = Builder::new(device, seed);
+        let net = match cfg.arch {
+            Arch::Deeplabv3 => Net::DeepLabV3(
+                DeepLabV3::new(&mut b, cfg.backbone, cfg.num_classes).with_context(|| {
+                    format!("building deeplabv3 with {}", cfg.backbone.as_str())
+                })?,
+            ),
+            Arch::Unet => Net::UNet(
+                UNet::new(&mut b, &cfg.widths, cfg.upsample, cfg.num_classes)
+                    .context("building unet")?,
+            ),
+        };
+        Ok(Self {
+            config: cfg.clone(),
+            device: device.clone(),
+            store: b.finish(),
+            net,
+        })
+    }
+
+    /// [N, 3, H, W] → logits [N, num_classes, H, W]. `train` selects batch statistics for
+    /// BatchNorm (updating running stats and `num_batches_tracked`) and enables dropout.
+    /// U-Net inputs must be multiples of [`Self::stride`].
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        match &self.net {
+            Net::DeepLabV3(m) => m.forward(x, train),
+            Net::UNet(m) => m.forward(x, train),
+        }
+    }
+
+    /// Trainable parameters with their `state_dict` keys (BN running stats excluded).
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        self.store.trainable_vars()
+    }
+
+    /// Input sides should be multiples of this: 8 for DeepLabV3 (its output stride; any size
+    /// works), 2^(levels-1) for the U-Net (required).
+    pub fn stride(&self) -> usize {
+        match &self.net {
+            Net::DeepLabV3(m) => m.backbone.output_stride,
+            Net::UNet(m) => m.stride(),
+        }
+    }
+
+    /// Number of trainable scalars.
+    pub fn param_count(&self) -> usize {
+        self.store.param_count()
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The network itself.
+    pub fn net(&self) -> &Net {
+        &self.net
+    }
+
+    /// All parameters and buffers.
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    /// The `state_dict` (torchvision keys and order; `num_batches_tracked` as int64 scalars).
+    pub fn state_dict(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
+        self.store.state_dict()
+    }
+
+    /// Loads a full `state_dict` (PyTorch's `strict=True`): every key present with the right
+    /// shape and no unexpected key. The model is unchanged on error.
+    pub fn load_state_dict(&self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+        let keys: std::collections::HashSet<String> = self.store.keys().into_iter().collect();
+        let mut unexpected: Vec<&String> = tensors.keys().filter(|k| !keys.contains(*k)).collect();
+        unexpected.sort();
+        if let Some(k) = unexpected.first() {
+            anyhow::bail!("unexpected key `{k}` ({} in all)", unexpected.len());
+        }
+        self.store.load(tensors, &|_| false, false).map_err(anyhow::Error::msg)
+    }
+}

@@ -1,0 +1,300 @@
+//! ResNet backbones with torchvision's module tree and `state_dict` keys (`conv1`, `bn1`,
+//! `layer1..layer4`, `N.conv1/bn1/.../downsample.0/downsample.1`), without the `fc` head.
+//!
+//! `replace_stride_with_dilation` follows torchvision's `_make_layer` exactly: in a dilated
+//! layer the stride becomes 1 and the dilation is multiplied by it; the layer's *first* block
+//! uses the dilation in force before the layer (`previous_dilation`), the others the new one.
+//! torchvision's BasicBlock refuses dilation; ours (resnet18/34) accepts it, using it on both
+//! 3×3 convolutions with padding = dilation.
+
+use candle_core::{Result, Tensor};
+
+use super::layers::{join, BatchNorm, Builder, Conv2d, Init};
+use super::ops;
+use crate::config::schema::Backbone;
+
+/// The projection shortcut `downsample = Sequential(conv1x1(stride), BatchNorm2d)`.
+#[derive(Clone, Debug)]
+pub struct Downsample {
+    pub conv: Conv2d,
+    pub bn: BatchNorm,
+}
+
+impl Downsample {
+    fn new(b: &mut Builder, prefix: &str, cin: usize, cout: usize, stride: usize) -> Result<Self> {
+        let conv = b.conv2d(
+            &join(prefix, "0"),
+            cin,
+            cout,
+            1,
+            stride,
+            0,
+            1,
+            false,
+            Init::KaimingNormalFanOut,
+        )?;
+        let bn = b.batch_norm(&join(prefix, "1"), cout)?;
+        Ok(Self { conv, bn })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.bn.forward(&self.conv.forward(x)?, train)
+    }
+}
+
+/// torchvision's `BasicBlock` (expansion 1), with dilation allowed.
+#[derive(Clone, Debug)]
+pub struct BasicBlock {
+    pub conv1: Conv2d,
+    pub bn1: BatchNorm,
+    pub conv2: Conv2d,
+    pub bn2: BatchNorm,
+    pub downsample: Option<Downsample>,
+}
+
+impl BasicBlock {
+    /// Output channels = `planes`. `downsample` adds the projection shortcut.
+    pub fn new(
+        b: &mut Builder,
+        prefix: &str,
+        inplanes: usize,
+        planes: usize,
+        stride: usize,
+        dilation: usize,
+        downsample: bool,
+    ) -> Result<Self> {
+        let k = Init::KaimingNormalFanOut;
+        let d = dilation;
+        let conv1 = b.conv2d(
+            &join(prefix, "conv1"),
+            inplanes,
+            planes,
+            3,
+            stride,
+            d,
+            d,
+            false,
+            k,
+        )?;
+        let bn1 = b.batch_norm(&join(prefix, "bn1"), planes)?;
+        let conv2 = b.conv2d(&join(prefix, "conv2"), planes, planes, 3, 1, d, d, false, k)?;
+        let bn2 = b.batch_norm(&join(prefix, "bn2"), planes)?;
+        let downsample = if downsample {
+            Some(Downsample::new(
+                b,
+                &join(prefix, "downsample"),
+                inplanes,
+                planes,
+                stride,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            conv1,
+            bn1,
+            conv2,
+            bn2,
+            downsample,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn2.forward(&self.conv2.forward(&y)?, train)?;
+        let identity = match &self.downsample {
+            Some(d) => d.forward(x, train)?,
+            None => x.clone(),
+        };
+        (y + identity)?.relu()
+    }
+}
+
+/// torchvision's `Bottleneck` (expansion 4, stride on the 3×3 conv, "ResNet V1.5").
+#[derive(Clone, Debug)]
+pub struct Bottleneck {
+    pub conv1: Conv2d,
+    pub bn1: BatchNorm,
+    pub conv2: Conv2d,
+    pub bn2: BatchNorm,
+    pub conv3: Conv2d,
+    pub bn3: BatchNorm,
+    pub downsample: Option<Downsample>,
+}
+
+impl Bottleneck {
+    /// Output channels = `4 × planes`. `downsample` adds the projection shortcut.
+    pub fn new(
+        b: &mut Builder,
+        prefix: &str,
+        inplanes: usize,
+        planes: usize,
+        stride: usize,
+        dilation: usize,
+        downsample: bool,
+    ) -> Result<Self> {
+        let k = Init::KaimingNormalFanOut;
+        let out = planes * 4;
+        let conv1 = b.conv2d(&join(prefix, "conv1"), inplanes, planes, 1, 1, 0, 1, false, k)?;
+        let bn1 = b.batch_norm(&join(prefix, "bn1"), planes)?;
+        let conv2 = b.conv2d(
+            &join(prefix, "conv2"),
+            planes,
+            planes,
+            3,
+            stride,
+            dilation,
+            dilation,
+            false,
+            k,
+        )?;
+        let bn2 = b.batch_norm(&join(prefix, "bn2"), planes)?;
+        let conv3 = b.conv2d(&join(prefix, "conv3"), planes, out, 1, 1, 0, 1, false, k)?;
+        let bn3 = b.batch_norm(&join(prefix, "bn3"), out)?;
+        let downsample = if downsample {
+            Some(Downsample::new(
+                b,
+                &join(prefix, "downsample"),
+                inplanes,
+                out,
+                stride,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            conv1,
+            bn1,
+            conv2,
+            bn2,
+            conv3,
+            bn3,
+            downsample,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn2.forward(&self.conv2.forward(&y)?, train)?.relu()?;
+        let y = self.bn3.forward(&self.conv3.forward(&y)?, train)?;
+        let identity = match &self.downsample {
+            Some(d) => d.forward(x, train)?,
+            None => x.clone(),
+        };
+        (y + identity)?.relu()
+    }
+}
+
+/// A residual block of either kind.
+#[derive(Clone, Debug)]
+pub enum Block {
+    Basic(BasicBlock),
+    Bottleneck(Bottleneck),
+}
+
+impl Block {
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Block::Basic(b) => b.forward(x, train),
+            Block::Bottleneck(b) => b.forward(x, train),
+        }
+    }
+}
+
+/// Block type and blocks per layer of each backbone.
+fn layout(backbone: Backbone) -> (bool, [usize; 4]) {
+    match backbone {
+        Backbone::Resnet18 => (false, [2, 2, 2, 2]),
+        Backbone::Resnet34 => (false, [3, 4, 6, 3]),
+        Backbone::Resnet50 => (true, [3, 4, 6, 3]),
+        Backbone::Resnet101 => (true, [3, 4, 23, 3]),
+    }
+}
+
+/// A ResNet trunk (stem + layer1..layer4), returning layer4's features.
+#[derive(Clone, Debug)]
+pub struct ResNet {
+    pub conv1: Conv2d,
+    pub bn1: BatchNorm,
+    pub layers: Vec<Vec<Block>>,
+    /// Channels of layer4's output: 2048 (Bottleneck) or 512 (BasicBlock).
+    pub out_channels: usize,
+    /// Input pixels per output pixel (32, or 8 with dilation in layer3 and layer4).
+    pub output_stride: usize,
+}
+
+impl ResNet {
+    /// Builds `backbone` under `prefix` (e.g. `"backbone"`), with torchvision's
+    /// `replace_stride_with_dilation` for layer2..layer4.
+    pub fn new(
+        b: &mut Builder,
+        prefix: &str,
+        backbone: Backbone,
+        replace_stride_with_dilation: [bool; 3],
+    ) -> Result<Self> {
+        let (bottleneck, blocks) = layout(backbone);
+        let expansion = if bottleneck { 4 } else { 1 };
+        let conv1 = b.conv2d(
+            &join(prefix, "conv1"),
+            3,
+            64,
+            7,
+            2,
+            3,
+            1,
+            false,
+            Init::KaimingNormalFanOut,
+        )?;
+        let bn1 = b.batch_norm(&join(prefix, "bn1"), 64)?;
+        let mut inplanes = 64;
+        let mut dilation = 1;
+        let mut output_stride = 4;
+        let mut layers = Vec::with_capacity(4);
+        for (i, (&n, planes)) in blocks.iter().zip([64, 128, 256, 512]).enumerate() {
+            let mut stride = if i == 0 { 1 } else { 2 };
+            let previous_dilation = dilation;
+            if i > 0 && replace_stride_with_dilation[i - 1] {
+                dilation *= stride;
+                stride = 1;
+            }
+            output_stride *= stride;
+            let name = join(prefix, &format!("layer{}", i + 1));
+            let has_downsample = stride != 1 || inplanes != planes * expansion;
+            let mut layer = Vec::with_capacity(n);
+            for j in 0..n {
+                let p = join(&name, &j.to_string());
+                let (s, d, ds) = if j == 0 {
+                    (stride, previous_dilation, has_downsample)
+                } else {
+                    (1, dilation, false)
+                };
+                layer.push(if bottleneck {
+                    Block::Bottleneck(Bottleneck::new(b, &p, inplanes, planes, s, d, ds)?)
+                } else {
+                    Block::Basic(BasicBlock::new(b, &p, inplanes, planes, s, d, ds)?)
+                });
+                inplanes = planes * expansion;
+            }
+            layers.push(layer);
+        }
+        Ok(Self {
+            conv1,
+            bn1,
+            layers,
+            out_channels: inplanes,
+            output_stride,
+        })
+    }
+
+    /// [N, 3, H, W] → layer4 features [N, out_channels, ⌈H/os⌉, ⌈W/os⌉] (PyTorch's rounding).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut x = ops::max_pool2d(&x, 3, 2, 1)?;
+        for layer in &self.layers {
+            for block in layer {
+                x = block.forward(&x, train)?;
+            }
+        }
+        Ok(x)
+    }
+}
