@@ -128,6 +128,8 @@ impl SegModel {
         if let Some(k) = unexpected.first() {
             anyhow::bail!("unexpected key `{k}` ({} in all)", unexpected.len());
         }
-        self.store.load(tensors, &|_| false, false).map_err(anyhow::Error::msg)
+        self.store
+            .load(tensors, &|_| false, false)
+            .map_err(anyhow::Error::msg)
     }
 }

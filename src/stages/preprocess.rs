@@ -167,19 +167,20 @@ fn write(out: &Path, size: Option<u32>, prepared: &[(&str, Prepared)]) -> Result
             .entry(split.to_string())
             .or_default()
             .push((p.id.clone(), p.work.label.is_some()));
-        let mut add = |suffix: &str, s: &Sample| {
+        let versions = std::iter::once(("", &p.work)).chain(p.orig.iter().map(|o| ("/orig", o)));
+        for (suffix, s) in versions {
             let base = format!("{split}/{}/", p.id);
             let (w, h) = s.image.dimensions();
             let (w, h) = (w as usize, h as usize);
-            tensors.push((format!("{base}image{suffix}"), vec![h, w, 3], s.image.as_raw()));
+            tensors.push((
+                format!("{base}image{suffix}"),
+                vec![h, w, 3],
+                s.image.as_raw(),
+            ));
             if let Some(l) = &s.label {
                 tensors.push((format!("{base}label{suffix}"), vec![h, w], l.as_raw()));
             }
             tensors.push((format!("{base}fov{suffix}"), vec![h, w], s.fov.as_raw()));
-        };
-        add("", &p.work);
-        if let Some(o) = &p.orig {
-            add("/orig", o);
         }
     }
     let views = tensors
@@ -189,7 +190,8 @@ fn write(out: &Path, size: Option<u32>, prepared: &[(&str, Prepared)]) -> Result
     let mut md = std::collections::HashMap::new();
     md.insert("driveline".to_string(), serde_json::to_string(&meta)?);
     let bytes = safetensors::serialize(views, Some(md))?;
-    fs::write(out.join(FILE), bytes).with_context(|| format!("cannot write {}", out.join(FILE).display()))
+    fs::write(out.join(FILE), bytes)
+        .with_context(|| format!("cannot write {}", out.join(FILE).display()))
 }
 
 /// Load a `preprocess` output directory.

@@ -45,13 +45,18 @@ pub struct SplitFile {
 impl SplitFile {
     pub fn load(dir: &Path) -> Result<SplitFile> {
         let p = dir.join("split.json");
-        let text = fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+        let text =
+            fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
         serde_json::from_str(&text).with_context(|| format!("malformed {}", p.display()))
     }
 
     /// The splits by name, in order.
     pub fn splits(&self) -> [(&'static str, &Vec<Entry>); 3] {
-        [("train", &self.train), ("valid", &self.valid), ("test", &self.test)]
+        [
+            ("train", &self.train),
+            ("valid", &self.valid),
+            ("test", &self.test),
+        ]
     }
 }
 
@@ -69,10 +74,18 @@ impl Stage for Split {
             "{} train, {} valid ({}), {} test",
             split.train.len(),
             split.valid.len(),
-            split.valid.iter().map(|e| e.id.as_str()).collect::<Vec<_>>().join(", "),
+            split
+                .valid
+                .iter()
+                .map(|e| e.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             split.test.len()
         ));
-        fs::write(ctx.out.join("split.json"), serde_json::to_string_pretty(&split)?)?;
+        fs::write(
+            ctx.out.join("split.json"),
+            serde_json::to_string_pretty(&split)?,
+        )?;
         Ok(())
     }
 }
@@ -98,7 +111,12 @@ pub fn make_split(d: &DataConfig) -> Result<SplitFile> {
             let listing = data::list(layout, root)
                 .with_context(|| format!("listing data.root = {}", root.display()))?;
             let rel = |f: &SampleFiles| -> Entry {
-                let r = |p: &Path| p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned();
+                let r = |p: &Path| {
+                    p.strip_prefix(root)
+                        .unwrap_or(p)
+                        .to_string_lossy()
+                        .into_owned()
+                };
                 Entry {
                     id: f.id.clone(),
                     index: None,
