@@ -9,5 +9,6 @@ pub mod data;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod predict;
 pub mod report;
 pub mod stages;

@@ -427,6 +427,14 @@ impl Dropout {
         }
     }
 
+    /// Restart the mask sequence from `seed` (the trainer reseeds every step, so that a
+    /// resumed run draws the same masks as an uninterrupted one).
+    pub fn reseed(&self, seed: u64) {
+        if let Ok(mut rng) = self.rng.lock() {
+            *rng = StdRng::seed_from_u64(seed);
+        }
+    }
+
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if !train || self.p <= 0.0 {
             return Ok(x.clone());

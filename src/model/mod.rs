@@ -5,6 +5,7 @@
 //! weights map key for key (see [`checkpoint`]).
 
 pub mod checkpoint;
+pub mod device;
 pub mod deeplabv3;
 pub mod layers;
 pub mod ops;
@@ -86,6 +87,13 @@ impl SegModel {
         match &self.net {
             Net::DeepLabV3(m) => m.backbone.output_stride,
             Net::UNet(m) => m.stride(),
+        }
+    }
+
+    /// Reseed every dropout layer's mask generator (deterministic resume).
+    pub fn reseed_dropout(&self, seed: u64) {
+        if let Net::DeepLabV3(m) = &self.net {
+            m.classifier.aspp.dropout.reseed(seed);
         }
     }
 

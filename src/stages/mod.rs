@@ -13,6 +13,7 @@ use crate::pipeline::progress::Progress;
 mod debug;
 pub mod preprocess;
 pub mod split;
+pub mod train;
 
 /// One kind of stage.
 pub trait Stage: Sync {
@@ -61,13 +62,14 @@ impl StageCtx<'_> {
 }
 
 /// Every implementation, by kind.
-pub const KINDS: &[&str] = &["split", "preprocess", "preprocess_native", "debug"];
+pub const KINDS: &[&str] = &["split", "preprocess", "preprocess_native", "train", "debug"];
 
 pub fn lookup(kind: &str) -> Option<&'static dyn Stage> {
     match kind {
         "split" => Some(&split::Split),
         "preprocess" => Some(&preprocess::Preprocess),
         "preprocess_native" => Some(&preprocess::PreprocessNative),
+        "train" => Some(&train::Train),
         "debug" => Some(&debug::Debug),
         _ => None,
     }

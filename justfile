@@ -1,0 +1,39 @@
+# driveline — common commands. `just --list` shows them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+bin := "target/release/driveline"
+
+# Build the release binary.
+build:
+    cargo build --release
+
+# Run the stale stages of experiments: `just run experiments/r101_640.toml [--set train.lr=3e-4]`.
+run *ARGS: build
+    {{bin}} run {{ARGS}}
+
+# The quick experiment (synthetic data, small model, a few minutes on 2 cores).
+quick: build
+    {{bin}} run experiments/quick.toml
+
+# Fresh/stale per stage, with the reason; runs nothing.
+status *ARGS: build
+    {{bin}} status {{ARGS}}
+
+# Print an experiment's stage graph (`--dot` for Graphviz).
+dag *ARGS: build
+    {{bin}} dag {{ARGS}}
+
+# The comparison report of the seed article's four experiments and the U-Net recipe.
+report *ARGS: build
+    {{bin}} report experiments/r50_512.toml experiments/r50_768.toml experiments/r101_512.toml experiments/r101_640.toml experiments/unet_native.toml --name article {{ARGS}}
+
+# Formatting, lints and every test (what CI runs).
+test:
+    cargo fmt --check
+    cargo clippy --all-targets -- -D warnings
+    cargo test --all-targets
+
+# Benchmarks: training step, inference, data loading; PyTorch side by side when installed.
+bench *ARGS: build
+    bench/run.sh {{ARGS}}
