@@ -14,6 +14,7 @@
 //! Pixel values: in `pred`, `truth` and `mask`, any non-zero byte means "vessel"
 //! (resp. "inside the field of view"), so both 0/1 and 0/255 maps work.
 
+use rayon::slice::ParallelSliceMut;
 use serde::{Deserialize, Serialize};
 
 /// `num / den`, or `1.0` when `den == 0` (see the module's empty-class convention).
@@ -218,7 +219,7 @@ impl AucAccumulator {
             return None;
         }
         let (mut pos, mut neg) = (self.pos.clone(), self.neg.clone());
-        rayon::join(|| pos.sort_unstable(), || neg.sort_unstable());
+        rayon::join(|| pos.par_sort_unstable(), || neg.par_sort_unstable());
         // twice the Mann–Whitney U: Σ over positives of 2·#(neg below) + #(neg equal).
         let mut u2: u128 = 0;
         let (mut below, mut j) = (0usize, 0usize);

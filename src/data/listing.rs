@@ -168,7 +168,7 @@ fn list_split_dirs(root: &Path) -> Result<Listing> {
                     Some(m) => match m.get(&id) {
                         Some(p) => Some(p.clone()),
                         None => bail!(
-                            "annotation for image {} is missing: no {}/{id}.(png|gif|jpg|tif) ",
+                            "annotation for image {} is missing: no {}/{id}.(png|gif|jpg|tif)",
                             image.display(),
                             masks_dir.display()
                         ),

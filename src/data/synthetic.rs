@@ -116,7 +116,7 @@ pub fn synthetic(cfg: &SyntheticConfig, index: usize) -> Sample {
                 y: od.1 + angle.sin() * od_r * 0.5,
                 angle,
                 width: vw * rng.random_range(0.8..1.0),
-                length: radius * rng.random_range(0.3..0.5),
+                length: radius * rng.random_range(0.4..0.65),
             }
         })
         .collect();
@@ -128,7 +128,9 @@ pub fn synthetic(cfg: &SyntheticConfig, index: usize) -> Sample {
         let curvature = rng.sample::<f32, _>(StandardNormal) * 0.6 / radius;
         // tapers by ~25 % over the branch's length
         let taper = 0.75f32.powf(step / b.length.max(1.0));
-        let side_rate = 2.5 / radius; // side branches per pixel of length
+        // side branches per pixel of length: a fixed number per branch at small sizes, more on
+        // large images, whose extra resolution shows more of the thin capillaries
+        let side_rate = 2.5 / radius * (radius / 60.0).sqrt().max(1.0);
         let mut travelled = 0.0;
         while travelled < b.length && segments < max_segments {
             angle += curvature * step + rng.sample::<f32, _>(StandardNormal) * 0.08;
