@@ -99,7 +99,10 @@ impl Predictor<'_> {
                 return vec![0];
             }
             let step = tile - overlap;
-            let mut v: Vec<usize> = (0..).map(|i| i * step).take_while(|s| s + tile < len).collect();
+            let mut v: Vec<usize> = (0..)
+                .map(|i| i * step)
+                .take_while(|s| s + tile < len)
+                .collect();
             v.push(len - tile);
             v
         };
@@ -183,7 +186,10 @@ pub fn mode_for(crop: u32, imgsz: u32, tile: u32, overlap: u32) -> Mode {
 
 /// Probabilities to an 8-bit grey image (0..255).
 pub fn probs_to_image(p: &[f32], w: u32, h: u32) -> Result<image::GrayImage> {
-    let v: Vec<u8> = p.iter().map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8).collect();
+    let v: Vec<u8> = p
+        .iter()
+        .map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
     image::GrayImage::from_raw(w, h, v).context("probability map has the wrong size")
 }
 
@@ -200,7 +206,15 @@ mod tests {
         let x = x.broadcast_as((1, 1, 2, 3)).unwrap().contiguous().unwrap();
         let y = reflect_pad(&x, 1, 2).unwrap();
         assert_eq!(y.dims4().unwrap(), (1, 1, 3, 5));
-        let row = y.get(0).unwrap().get(0).unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+        let row = y
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(row, [0.0, 1.0, 2.0, 1.0, 0.0]);
     }
 
@@ -215,7 +229,12 @@ mod tests {
             back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
-        let f = flip_w(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let f = flip_w(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(&f[..4], &[3.0, 2.0, 1.0, 0.0]);
     }
 }

@@ -12,7 +12,10 @@ use image::{GrayImage, Luma, Rgb, RgbImage};
 fn fails(p: &Project, args: &[&str]) -> String {
     let out = p.run(args);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "expected failure for {args:?}, got success\n{err}");
+    assert!(
+        !out.status.success(),
+        "expected failure for {args:?}, got success\n{err}"
+    );
     assert!(out.status.code().is_some_and(|c| c != 0));
     err
 }
@@ -29,17 +32,33 @@ fn mask(w: u32, h: u32) -> image::RgbaImage {
 
 /// A tiny DRIVE-layout tree: training ids 21..=26 (with annotations and FOV), test 01..=02.
 fn fake_drive(root: &Path) {
-    for d in ["training/images", "training/1st_manual", "training/mask", "test/images", "test/mask"] {
+    for d in [
+        "training/images",
+        "training/1st_manual",
+        "training/mask",
+        "test/images",
+        "test/mask",
+    ] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     for id in 21..=26 {
-        rgb(40, 36).save(root.join(format!("training/images/{id}_training.tif"))).unwrap();
-        mask(40, 36).save(root.join(format!("training/1st_manual/{id}_manual1.gif"))).unwrap();
-        mask(40, 36).save(root.join(format!("training/mask/{id}_training_mask.gif"))).unwrap();
+        rgb(40, 36)
+            .save(root.join(format!("training/images/{id}_training.tif")))
+            .unwrap();
+        mask(40, 36)
+            .save(root.join(format!("training/1st_manual/{id}_manual1.gif")))
+            .unwrap();
+        mask(40, 36)
+            .save(root.join(format!("training/mask/{id}_training_mask.gif")))
+            .unwrap();
     }
     for id in ["01", "02"] {
-        rgb(40, 36).save(root.join(format!("test/images/{id}_test.tif"))).unwrap();
-        mask(40, 36).save(root.join(format!("test/mask/{id}_test_mask.gif"))).unwrap();
+        rgb(40, 36)
+            .save(root.join(format!("test/images/{id}_test.tif")))
+            .unwrap();
+        mask(40, 36)
+            .save(root.join(format!("test/mask/{id}_test_mask.gif")))
+            .unwrap();
     }
 }
 
@@ -81,7 +100,10 @@ fn image_without_annotation() {
     std::fs::remove_file(root.join("training/1st_manual/23_manual1.gif")).unwrap();
     let e = drive_exp(&p, &root);
     let err = fails(&p, &["run", &e]);
-    assert!(err.contains("23_manual1.gif") || err.contains("23_training.tif"), "{err}");
+    assert!(
+        err.contains("23_manual1.gif") || err.contains("23_training.tif"),
+        "{err}"
+    );
     assert!(p.objects().is_empty());
 }
 
@@ -90,7 +112,9 @@ fn annotation_size_differs_from_image() {
     let p = Project::new();
     let root = p.path().join("DRIVE");
     fake_drive(&root);
-    mask(30, 30).save(root.join("training/1st_manual/24_manual1.gif")).unwrap();
+    mask(30, 30)
+        .save(root.join("training/1st_manual/24_manual1.gif"))
+        .unwrap();
     let e = drive_exp(&p, &root);
     let err = fails(&p, &["run", &e]);
     assert!(err.contains("24_manual1.gif"), "{err}");
@@ -106,7 +130,11 @@ fn undecodable_file() {
     let p = Project::new();
     let root = p.path().join("DRIVE");
     fake_drive(&root);
-    std::fs::write(root.join("training/images/25_training.tif"), b"not a tiff at all").unwrap();
+    std::fs::write(
+        root.join("training/images/25_training.tif"),
+        b"not a tiff at all",
+    )
+    .unwrap();
     let e = drive_exp(&p, &root);
     let err = fails(&p, &["run", &e]);
     assert!(err.contains("25_training.tif"), "{err}");
@@ -129,9 +157,15 @@ fn unknown_key_with_suggestion() {
     let e = p.experiment("u", &(synthetic_exp("u") + "[trian]\nlr = 0.1\n"));
     let err = fails(&p, &["run", e.to_str().unwrap()]);
     assert!(err.contains("u.toml:"), "{err}");
-    assert!(err.contains("`trian.lr`: unknown key (did you mean `train.lr`?)"), "{err}");
+    assert!(
+        err.contains("`trian.lr`: unknown key (did you mean `train.lr`?)"),
+        "{err}"
+    );
     let err = fails(&p, &["run", e.to_str().unwrap(), "--set", "train.lrr=1"]);
-    assert!(err.contains("train.lrr") && err.contains("train.lr`?"), "{err}");
+    assert!(
+        err.contains("train.lrr") && err.contains("train.lr`?"),
+        "{err}"
+    );
     assert!(p.objects().is_empty());
 }
 
@@ -141,13 +175,33 @@ fn wrong_type_and_out_of_range_values() {
     let text = synthetic_exp("r").replace("imgsz = 64", "imgsz = 100\nlr = -1.0\nepochs = \"ten\"");
     let e = p.experiment("r", &text);
     let err = fails(&p, &["run", e.to_str().unwrap()]);
-    assert!(err.contains("r.toml:") && err.contains("train.epochs"), "{err}");
-    let e = p.experiment("r2", &synthetic_exp("r2").replace("imgsz = 64", "imgsz = 100\nlr = -1.0"));
+    assert!(
+        err.contains("r.toml:") && err.contains("train.epochs"),
+        "{err}"
+    );
+    let e = p.experiment(
+        "r2",
+        &synthetic_exp("r2").replace("imgsz = 64", "imgsz = 100\nlr = -1.0"),
+    );
     let err = fails(&p, &["run", e.to_str().unwrap()]);
-    assert!(err.contains("`train.imgsz`: 100 must be a multiple of 8"), "{err}");
+    assert!(
+        err.contains("`train.imgsz`: 100 must be a multiple of 8"),
+        "{err}"
+    );
     assert!(err.contains("`train.lr`: -1 must be > 0"), "{err}");
-    let err = fails(&p, &["run", e.to_str().unwrap(), "--set", "model.backbone=resnet102"]);
-    assert!(err.contains("model.backbone") && err.contains("resnet101"), "{err}");
+    let err = fails(
+        &p,
+        &[
+            "run",
+            e.to_str().unwrap(),
+            "--set",
+            "model.backbone=resnet102",
+        ],
+    );
+    assert!(
+        err.contains("model.backbone") && err.contains("resnet101"),
+        "{err}"
+    );
     assert!(p.objects().is_empty());
 }
 
@@ -155,12 +209,22 @@ fn wrong_type_and_out_of_range_values() {
 fn extends_chain_and_missing_parent() {
     let p = Project::new();
     p.experiment("parent", &synthetic_exp("parent"));
-    let child = p.experiment("child", "name = \"child\"\nextends = \"parent.toml\"\n[train]\nlr = 0.002\n");
+    let child = p.experiment(
+        "child",
+        "name = \"child\"\nextends = \"parent.toml\"\n[train]\nlr = 0.002\n",
+    );
     let out = p.run(&["run", "--dry-run", child.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let orphan = p.experiment("orphan", "name = \"o\"\nextends = \"nope.toml\"\n");
     let err = fails(&p, &["run", orphan.to_str().unwrap()]);
-    assert!(err.contains("orphan.toml:2:") && err.contains("nope.toml"), "{err}");
+    assert!(
+        err.contains("orphan.toml:2:") && err.contains("nope.toml"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -181,7 +245,10 @@ fn cyclic_and_inconsistent_pipelines() {
     .unwrap();
     let e = p.experiment("o", &synthetic_exp("o").replace("\"dbg\"", "\"orphan\""));
     let err = fails(&p, &["run", e.to_str().unwrap()]);
-    assert!(err.contains("orphan.toml") && err.contains("`split` stage upstream"), "{err}");
+    assert!(
+        err.contains("orphan.toml") && err.contains("`split` stage upstream"),
+        "{err}"
+    );
     std::fs::write(
         p.path().join("pipelines/badparam.toml"),
         "[[stage]]\nname = \"split\"\nparams = [\"data.vaild_count\"]\n",
@@ -189,6 +256,9 @@ fn cyclic_and_inconsistent_pipelines() {
     .unwrap();
     let e = p.experiment("b", &synthetic_exp("b").replace("\"dbg\"", "\"badparam\""));
     let err = fails(&p, &["run", e.to_str().unwrap()]);
-    assert!(err.contains("unknown param `data.vaild_count`") && err.contains("data.valid_count"), "{err}");
+    assert!(
+        err.contains("unknown param `data.vaild_count`") && err.contains("data.valid_count"),
+        "{err}"
+    );
     assert!(p.objects().is_empty());
 }

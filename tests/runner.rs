@@ -18,7 +18,10 @@ fn second_run_runs_nothing() {
     let e = p.experiment("a", &synthetic_exp("a"));
     let e = e.to_str().unwrap();
     let first = p.run_json(&[e]);
-    assert_eq!(ran(&first, "a"), names(&["split", "preprocess", "fit", "score"]));
+    assert_eq!(
+        ran(&first, "a"),
+        names(&["split", "preprocess", "fit", "score"])
+    );
     let t0 = Instant::now();
     let second = p.run_json(&[e]);
     let took = t0.elapsed();
@@ -26,7 +29,10 @@ fn second_run_runs_nothing() {
     assert!(second.iter().all(|(_, _, s)| s == "cached"));
     eprintln!("second run of an unchanged experiment: {took:?}");
     // Stable, readable paths to the outputs.
-    assert!(p.path().join("runs/a/preprocess/data.safetensors").is_file());
+    assert!(p
+        .path()
+        .join("runs/a/preprocess/data.safetensors")
+        .is_file());
     assert!(p.path().join("runs/a/split/split.json").is_file());
 }
 
@@ -40,7 +46,10 @@ fn edit_scenario(p: &Project, base: &str) {
         ("train.lr=3e-4", &["fit", "score"]),
         ("augment.rotate=5.0", &["fit", "score"]),
         ("train.imgsz=72", &["preprocess", "fit", "score"]),
-        ("data.valid_count=3", &["split", "preprocess", "fit", "score"]),
+        (
+            "data.valid_count=3",
+            &["split", "preprocess", "fit", "score"],
+        ),
         ("train.epochs=7", &[]), // read by no stage of this pipeline
     ];
     for (set, expect) in cases {
@@ -81,8 +90,14 @@ fn status_explains_why_a_stage_is_stale() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(text.contains("split: fresh"), "{text}");
-    assert!(text.contains("fit: stale (train.lr 0.0001 → 0.0003)"), "{text}");
-    assert!(text.contains("score: stale (upstream fit changed)"), "{text}");
+    assert!(
+        text.contains("fit: stale (train.lr 0.0001 → 0.0003)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("score: stale (upstream fit changed)"),
+        "{text}"
+    );
     // status runs nothing
     let again = p.run_json(&[e]);
     assert!(ran(&again, "s").is_empty());
@@ -97,7 +112,10 @@ fn experiments_sharing_data_params_compute_split_and_preprocess_once() {
         &synthetic_exp("b").replace("[train]\n", "[train]\nlr = 0.001\n"),
     );
     let got = p.run_json(&[a.to_str().unwrap(), b.to_str().unwrap()]);
-    assert_eq!(ran(&got, "a"), names(&["split", "preprocess", "fit", "score"]));
+    assert_eq!(
+        ran(&got, "a"),
+        names(&["split", "preprocess", "fit", "score"])
+    );
     assert_eq!(ran(&got, "b"), names(&["fit", "score"]));
     // and both experiments see the same published split
     let la = std::fs::read_link(p.path().join("runs/a/split")).unwrap();
@@ -115,7 +133,11 @@ fn until_force_and_dry_run() {
     assert_eq!(got.len(), 2);
     let out = p.run(&["run", "--json", "--dry-run", e]);
     let plan = parse_stages(&out.stdout);
-    let stale: Vec<_> = plan.iter().filter(|s| s.2 == "stale").map(|s| s.1.as_str()).collect();
+    let stale: Vec<_> = plan
+        .iter()
+        .filter(|s| s.2 == "stale")
+        .map(|s| s.1.as_str())
+        .collect();
     assert_eq!(stale, ["fit", "score"]);
     let objects_before = p.objects();
     assert_eq!(p.objects(), objects_before, "dry run published nothing");
@@ -156,7 +178,11 @@ fn sigkill_mid_stage_publishes_nothing_and_the_rerun_succeeds() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert_eq!(p.objects(), objects_before, "a killed stage published nothing");
+    assert_eq!(
+        p.objects(),
+        objects_before,
+        "a killed stage published nothing"
+    );
     let status = p.run(&["status", e]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("fit: stale"));
     let rerun = p.run_json(&[e]);
@@ -182,8 +208,16 @@ fn concurrent_runs_compute_each_stage_once() {
     let b = spawn();
     let oa = a.wait_with_output().unwrap();
     let ob = b.wait_with_output().unwrap();
-    assert!(oa.status.success(), "{}", String::from_utf8_lossy(&oa.stderr));
-    assert!(ob.status.success(), "{}", String::from_utf8_lossy(&ob.stderr));
+    assert!(
+        oa.status.success(),
+        "{}",
+        String::from_utf8_lossy(&oa.stderr)
+    );
+    assert!(
+        ob.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ob.stderr)
+    );
     let sa = parse_stages(&oa.stdout);
     let sb = parse_stages(&ob.stdout);
     for stage in ["split", "preprocess", "fit", "score"] {

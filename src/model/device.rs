@@ -16,7 +16,10 @@ pub fn select(spec: &str) -> Result<Device> {
             })
         }
         "cuda" => 0,
-        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        s => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => n,
             None => bail!("device {spec:?}: expected cpu, cuda, cuda:N or auto"),
         },

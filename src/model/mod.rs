@@ -5,8 +5,8 @@
 //! weights map key for key (see [`checkpoint`]).
 
 pub mod checkpoint;
-pub mod device;
 pub mod deeplabv3;
+pub mod device;
 pub mod layers;
 pub mod ops;
 pub mod resnet;

@@ -11,6 +11,7 @@ use crate::config::Experiment;
 use crate::pipeline::progress::Progress;
 
 mod debug;
+pub mod evaluate;
 pub mod preprocess;
 pub mod split;
 pub mod train;
@@ -62,7 +63,14 @@ impl StageCtx<'_> {
 }
 
 /// Every implementation, by kind.
-pub const KINDS: &[&str] = &["split", "preprocess", "preprocess_native", "train", "debug"];
+pub const KINDS: &[&str] = &[
+    "split",
+    "preprocess",
+    "preprocess_native",
+    "train",
+    "evaluate",
+    "debug",
+];
 
 pub fn lookup(kind: &str) -> Option<&'static dyn Stage> {
     match kind {
@@ -70,6 +78,7 @@ pub fn lookup(kind: &str) -> Option<&'static dyn Stage> {
         "preprocess" => Some(&preprocess::Preprocess),
         "preprocess_native" => Some(&preprocess::PreprocessNative),
         "train" => Some(&train::Train),
+        "evaluate" => Some(&evaluate::Evaluate),
         "debug" => Some(&debug::Debug),
         _ => None,
     }

@@ -20,7 +20,11 @@ impl Project {
             for e in std::fs::read_dir(root.join(src)).unwrap() {
                 let p = e.unwrap().path();
                 if p.extension().is_some_and(|x| x == "toml") {
-                    std::fs::copy(&p, dir.path().join("pipelines").join(p.file_name().unwrap())).unwrap();
+                    std::fs::copy(
+                        &p,
+                        dir.path().join("pipelines").join(p.file_name().unwrap()),
+                    )
+                    .unwrap();
                 }
             }
         }
@@ -40,7 +44,9 @@ impl Project {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_driveline"));
-        c.current_dir(self.path()).args(args).env_remove("DRIVELINE_CACHE_DIR");
+        c.current_dir(self.path())
+            .args(args)
+            .env_remove("DRIVELINE_CACHE_DIR");
         c
     }
 
@@ -66,7 +72,10 @@ impl Project {
     pub fn objects(&self) -> Vec<String> {
         let d = self.path().join(".driveline/cache/objects");
         let mut v: Vec<String> = std::fs::read_dir(d)
-            .map(|r| r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+            .map(|r| {
+                r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort();
         v
@@ -75,9 +84,8 @@ impl Project {
 
 /// (experiment, stage, status) for each stage in `--json` output.
 pub fn parse_stages(stdout: &[u8]) -> Vec<(String, String, String)> {
-    let v: serde_json::Value = serde_json::from_slice(stdout).unwrap_or_else(|e| {
-        panic!("not JSON ({e}): {}", String::from_utf8_lossy(stdout))
-    });
+    let v: serde_json::Value = serde_json::from_slice(stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(stdout)));
     let mut out = Vec::new();
     for e in v["experiments"].as_array().unwrap() {
         for s in e["stages"].as_array().unwrap() {

@@ -127,18 +127,29 @@ struct Batch {
 /// per iteration except `step`, which decays per period).
 pub fn lr_at(exp: &Experiment, step: usize, total: usize, period: usize) -> f64 {
     let t = &exp.train;
-    let frac = if total == 0 { 0.0 } else { step as f64 / total as f64 };
+    let frac = if total == 0 {
+        0.0
+    } else {
+        step as f64 / total as f64
+    };
     let floor = t.lr * t.lr_min_factor;
     match t.scheduler {
         Scheduler::None => t.lr,
         Scheduler::Step => t.lr * t.gamma.powi((period / t.step_size) as i32),
-        Scheduler::Cosine => floor + (t.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * frac).cos()),
+        Scheduler::Cosine => {
+            floor + (t.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * frac).cos())
+        }
         Scheduler::Poly => floor + (t.lr - floor) * (1.0 - frac).max(0.0).powf(0.9),
         Scheduler::Linear => floor + (t.lr - floor) * (1.0 - frac).max(0.0),
     }
 }
 
-fn train(exp: &Experiment, ds: &preprocess::Dataset, out: &Path, progress: &crate::pipeline::progress::Progress) -> Result<()> {
+fn train(
+    exp: &Experiment,
+    ds: &preprocess::Dataset,
+    out: &Path,
+    progress: &crate::pipeline::progress::Progress,
+) -> Result<()> {
     let t = &exp.train;
     if ds.train.is_empty() {
         bail!("the train split is empty");
@@ -161,7 +172,13 @@ fn train(exp: &Experiment, ds: &preprocess::Dataset, out: &Path, progress: &crat
             progress.log(&n);
         }
     }
-    let mut opt = optim::Optimizer::new(t.optimizer, model.trainable_vars(), t.lr, t.weight_decay, t.momentum);
+    let mut opt = optim::Optimizer::new(
+        t.optimizer,
+        model.trainable_vars(),
+        t.lr,
+        t.weight_decay,
+        t.momentum,
+    );
     let ckpt_pre = CkptPreprocess {
         imgsz: t.imgsz,
         normalize: exp.data.normalize,
@@ -175,11 +192,17 @@ fn train(exp: &Experiment, ds: &preprocess::Dataset, out: &Path, progress: &crat
     } else {
         (t.epochs, n_train.div_ceil(t.batch))
     };
-    let total_steps = if t.steps > 0 { t.steps } else { periods * steps_per };
+    let total_steps = if t.steps > 0 {
+        t.steps
+    } else {
+        periods * steps_per
+    };
 
     // Resume.
     let mut state: State = match fs::read_to_string(out.join(STATE)) {
-        Ok(s) => serde_json::from_str(&s).context("malformed state.json in the train work directory")?,
+        Ok(s) => {
+            serde_json::from_str(&s).context("malformed state.json in the train work directory")?
+        }
         Err(_) => State::default(),
     };
     if !state.history.is_empty() {
@@ -200,7 +223,10 @@ fn train(exp: &Experiment, ds: &preprocess::Dataset, out: &Path, progress: &crat
     let augmenter = Augmenter::new(&exp.augment);
     let mode = match ds.size {
         Some(s) => Mode::Resize(s),
-        None => Mode::Native { tile: 0, overlap: 0 },
+        None => Mode::Native {
+            tile: 0,
+            overlap: 0,
+        },
     };
     let predictor = Predictor {
         model: &model,
@@ -246,7 +272,9 @@ fn train(exp: &Experiment, ds: &preprocess::Dataset, out: &Path, progress: &crat
             });
             for s in 0..plan.len() {
                 let step = first_step + s;
-                let b = rx.recv().map_err(|_| anyhow!("the batch loader stopped"))??;
+                let b = rx
+                    .recv()
+                    .map_err(|_| anyhow!("the batch loader stopped"))??;
                 lr = lr_at(exp, step, total_steps, period);
                 opt.lr = lr;
                 model.reseed_dropout(mix(&[t.seed, 3, step as u64]));
@@ -269,11 +297,19 @@ fn train(exp: &Experiment, ds: &preprocess::Dataset, out: &Path, progress: &crat
 
         // Validation.
         let save_preds = t.save_preds_every > 0 && (period + 1) % t.save_preds_every == 0;
-        let (valid_loss, conf) = validate(&predictor, &ds.valid, exp.data.normalize, if save_preds {
-            Some(out.join("valid_preds").join(format!("epoch_{:03}", period + 1)))
-        } else {
-            None
-        })?;
+        let (valid_loss, conf) = validate(
+            &predictor,
+            &ds.valid,
+            exp.data.normalize,
+            if save_preds {
+                Some(
+                    out.join("valid_preds")
+                        .join(format!("epoch_{:03}", period + 1)),
+                )
+            } else {
+                None
+            },
+        )?;
         let row = EpochRow {
             epoch: period + 1,
             step: first_step + n_steps,
@@ -303,7 +339,10 @@ fn train(exp: &Experiment, ds: &preprocess::Dataset, out: &Path, progress: &crat
         opt.save(&out.join(LAST_OPTIM))?;
         state.history.push(row);
         write_metrics_csv(&out.join("metrics.csv"), &state.history)?;
-        write_atomic(&out.join(STATE), serde_json::to_string_pretty(&state)?.as_bytes())?;
+        write_atomic(
+            &out.join(STATE),
+            serde_json::to_string_pretty(&state)?.as_bytes(),
+        )?;
     }
     bar.finish();
 
@@ -325,7 +364,10 @@ fn train(exp: &Experiment, ds: &preprocess::Dataset, out: &Path, progress: &crat
         device: device::name(&device),
         history: state.history.clone(),
     };
-    fs::write(out.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
     // The resume state is not part of the published output.
     fs::remove_file(out.join(STATE)).ok();
     Ok(())
@@ -338,7 +380,13 @@ fn load_tensors(path: &Path, device: &Device) -> Result<std::collections::HashMa
 
 /// Build one batch: crop (native training), augment, normalise. Deterministic in
 /// (seed, step, position in batch).
-fn make_batch(exp: &Experiment, train: &[Prepared], idx: &[usize], aug: &Augmenter, step: u64) -> Result<Batch> {
+fn make_batch(
+    exp: &Experiment,
+    train: &[Prepared],
+    idx: &[usize],
+    aug: &Augmenter,
+    step: u64,
+) -> Result<Batch> {
     let t = &exp.train;
     let items: Vec<(Vec<f32>, Vec<u8>, u32, u32)> = idx
         .par_iter()
@@ -407,7 +455,10 @@ pub fn loss_fn(exp: &Experiment, logits: &Tensor, labels: &[u8]) -> Result<Tenso
         return Ok(ce);
     }
     let p1 = candle_nn::ops::softmax(logits, 1)?.narrow(1, 1, 1)?;
-    let t1: Vec<f32> = labels.iter().map(|&l| if l == 1 { 1.0 } else { 0.0 }).collect();
+    let t1: Vec<f32> = labels
+        .iter()
+        .map(|&l| if l == 1 { 1.0 } else { 0.0 })
+        .collect();
     let t1 = Tensor::from_vec(t1, (n, 1, h, w), logits.device())?;
     let inter = (&p1 * &t1)?.sum_all()?;
     let total = (p1.sum_all()? + t1.sum_all()?)?;
@@ -445,7 +496,8 @@ fn validate(
         conf.add(&am, y, None);
         if let Some(d) = &save_to {
             let img: Vec<u8> = am.iter().map(|&v| if v == 1 { 255 } else { 0 }).collect();
-            let img = image::GrayImage::from_raw(w as u32, h as u32, img).context("prediction size")?;
+            let img =
+                image::GrayImage::from_raw(w as u32, h as u32, img).context("prediction size")?;
             img.save(d.join(format!("{}.png", p.id)))?;
         }
     }
@@ -480,7 +532,8 @@ fn write_metrics_csv(path: &Path, rows: &[EpochRow]) -> Result<()> {
 
 /// Read `metrics.csv` rows.
 pub fn read_metrics_csv(path: &Path) -> Result<Vec<EpochRow>> {
-    let mut r = csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut r =
+        csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
     r.deserialize().map(|x| x.map_err(Into::into)).collect()
 }
 

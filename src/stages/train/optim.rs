@@ -32,7 +32,13 @@ pub struct Optimizer {
 }
 
 impl Optimizer {
-    pub fn new(kind: Kind, params: Vec<(String, Var)>, lr: f64, weight_decay: f64, momentum: f64) -> Self {
+    pub fn new(
+        kind: Kind,
+        params: Vec<(String, Var)>,
+        lr: f64,
+        weight_decay: f64,
+        momentum: f64,
+    ) -> Self {
         Optimizer {
             kind,
             params,
