@@ -3,6 +3,10 @@
 /// Shown wherever a value is missing (no test labels, AUC not computed, NaN).
 pub const MISSING: &str = "—";
 
+/// Explains the "(FOV)" / "(all pixels)" suffix of split names in metric tables.
+pub const FOV_NOTE: &str = "FOV: only pixels inside the field-of-view mask are counted; \
+all pixels: the whole image, dark border included.";
+
 /// A metric in `[0, 1]` with four decimals, e.g. `0.8123`.
 pub fn fmt_metric(v: f64) -> String {
     if v.is_finite() {

@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::Context;
 use base64::Engine;
 
-use super::format::MISSING;
+use super::format::{FOV_NOTE, MISSING};
 use super::plots::palette;
 use super::tables::{self, Table};
 use super::{ExperimentSummary, ReportDoc, BEST_MIOU_PNG, MIOU_OVERLAY_PNG};
@@ -117,7 +117,8 @@ tbody tr:nth-child(even) td { background:#fbfcfd; }
 tbody tr:hover td { background:#eef4fb; }
 .num { text-align:right; }
 table.kv td:first-child { color:var(--muted); }
-.figs { display:grid; gap:16px; grid-template-columns:repeat(auto-fit,minmax(340px,1fr)); margin:10px 0; }
+.figs { display:grid; gap:16px; grid-template-columns:repeat(auto-fit,minmax(340px,1fr)); margin:10px 0; align-items:start; }
+.note { font-size:12.5px; color:var(--muted); margin:-8px 0 10px; }
 figure { margin:0; border:1px solid var(--line); border-radius:8px; padding:8px; background:#fff; }
 figure img { width:100%; height:auto; display:block; }
 figcaption { font-size:13px; color:var(--muted); margin-top:6px; text-align:center; }
@@ -126,7 +127,7 @@ figcaption { font-size:13px; color:var(--muted); margin-top:6px; text-align:cent
 table.grid { table-layout:fixed; width:100%; }
 table.grid th, table.grid td { white-space:normal; text-align:center; vertical-align:top; padding:6px; }
 table.grid td.id { font-weight:600; width:70px; vertical-align:middle; }
-table.grid img { width:100%; height:auto; display:block; border-radius:4px; }
+table.grid img { width:100%; max-width:420px; height:auto; display:block; margin:0 auto; border-radius:4px; }
 table.grid tbody tr:nth-child(even) td, table.grid tbody tr:hover td { background:none; }
 footer { color:var(--muted); font-size:13px; border-top:1px solid var(--line); padding:14px 0 30px; }
 "#;
@@ -178,8 +179,8 @@ pub(crate) fn comparison_page(doc: &ReportDoc, root: &Path) -> anyhow::Result<St
     }
     o.push_str("</div></nav>\n<main><div class=\"wrap\">\n");
 
-    o.push_str("<h2 id=\"summary\">Summary</h2>\n");
-    table(&mut o, &tables::summary_table(doc.exps), "summary");
+    o.push_str("<h2 id=\"summary\">Results</h2>\n");
+    table(&mut o, &tables::results_table(doc.exps), "summary");
     o.push_str("<div class=\"figs\">\n");
     for (file, caption) in [
         (BEST_MIOU_PNG, "Best validation mIoU of each experiment"),
@@ -192,7 +193,8 @@ pub(crate) fn comparison_page(doc: &ReportDoc, root: &Path) -> anyhow::Result<St
             esc(caption)
         );
     }
-    o.push_str("</div>\n");
+    o.push_str("</div>\n<h3>Training cost</h3>\n");
+    table(&mut o, &tables::cost_table(doc.exps), "cost");
 
     o.push_str("<h2 id=\"predictions\">Test predictions</h2>\n");
     prediction_grid(&mut o, doc, root)?;
@@ -265,7 +267,10 @@ fn experiment_section(
     table(o, &tables::details_table(e), "kv");
     o.push_str("</div><div><h3>Final evaluation (best checkpoint)</h3>");
     match tables::eval_table(e) {
-        Some(t) => table(o, &t, "eval"),
+        Some(t) => {
+            table(o, &t, "eval");
+            let _ = write!(o, "<p class=\"note\">{}</p>", esc(FOV_NOTE));
+        }
         None => {
             let _ = write!(o, "<p class=\"muted\">{MISSING} not evaluated yet.</p>");
         }

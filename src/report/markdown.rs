@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use super::format::MISSING;
+use super::format::{FOV_NOTE, MISSING};
 use super::tables::{self, Table};
 use super::{
     ExperimentSummary, ReportDoc, ACCURACY_PNG, BEST_MIOU_PNG, LOSS_PNG, MIOU_OVERLAY_PNG, MIOU_PNG,
@@ -85,7 +85,10 @@ fn experiment_body(out: &mut String, e: &ExperimentSummary, dir: &Path, level: u
     let h = "#".repeat(level);
     let _ = writeln!(out, "{h} Final evaluation (best checkpoint)\n");
     match tables::eval_table(e) {
-        Some(t) => table(out, &t),
+        Some(t) => {
+            table(out, &t);
+            let _ = writeln!(out, "{FOV_NOTE}\n");
+        }
         None => {
             let _ = writeln!(out, "{MISSING} not evaluated yet.\n");
         }
@@ -123,8 +126,8 @@ pub(crate) fn comparison_readme(doc: &ReportDoc) -> String {
          self-contained page: [index.html](index.html).\n",
         if n == 1 { "" } else { "s" }
     );
-    let _ = writeln!(out, "## Summary\n");
-    table(&mut out, &tables::summary_table(doc.exps));
+    let _ = writeln!(out, "## Results\n");
+    table(&mut out, &tables::results_table(doc.exps));
     let _ = writeln!(
         out,
         "![Best validation mIoU per experiment]({BEST_MIOU_PNG})\n"
@@ -133,6 +136,8 @@ pub(crate) fn comparison_readme(doc: &ReportDoc) -> String {
         out,
         "![Validation mIoU during training]({MIOU_OVERLAY_PNG})\n"
     );
+    let _ = writeln!(out, "## Training cost\n");
+    table(&mut out, &tables::cost_table(doc.exps));
 
     let _ = writeln!(out, "## Test predictions\n");
     if doc.grid_ids.is_empty() {

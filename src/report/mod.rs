@@ -12,6 +12,7 @@
 //! nothing depends on fonts installed on the machine.
 
 mod format;
+mod glyphs;
 mod html;
 mod markdown;
 mod plots;

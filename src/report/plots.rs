@@ -11,18 +11,9 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle, RGBColor};
 
 use super::format::fmt_metric;
+use super::glyphs::{GlyphBackend, FONT_BOLD, FONT_REGULAR};
 use super::{ExperimentSummary, TrainUnit, ACCURACY_PNG, LOSS_PNG, MIOU_PNG};
 
-/// DejaVu Sans (Bitstream Vera licence, see `assets/fonts/LICENSE-DejaVu.txt`): plotters
-/// draws text through ab_glyph, which needs the font bytes registered up front.
-static FONT_REGULAR: &[u8] = include_bytes!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/assets/fonts/DejaVuSans.ttf"
-));
-static FONT_BOLD: &[u8] = include_bytes!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/assets/fonts/DejaVuSans-Bold.ttf"
-));
 const FAMILY: &str = "sans-serif";
 
 /// Colour of experiment `i` in every comparison chart (Tableau 10).
@@ -48,7 +39,8 @@ const TEXT_COLOR: RGBColor = RGBColor(40, 40, 40);
 const GRID_COLOR: RGBColor = RGBColor(225, 225, 225);
 const SIZE: (u32, u32) = (960, 600);
 
-/// Registers the bundled fonts with plotters once per process.
+/// Registers the bundled fonts with plotters once per process. Text is drawn by
+/// [`GlyphBackend`]; plotters still resolves a font for every text style it builds.
 fn ensure_fonts() -> anyhow::Result<()> {
     static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
     REGISTERED
@@ -67,13 +59,12 @@ fn font(size: f64) -> TextStyle<'static> {
 }
 
 fn bold(size: f64) -> TextStyle<'static> {
-    (FAMILY, size)
+    (FAMILY, size, FontStyle::Bold)
         .into_font()
-        .style(FontStyle::Bold)
         .color(&TEXT_COLOR)
 }
 
-type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
+type Area<'a> = DrawingArea<GlyphBackend<'a>, Shift>;
 
 /// Draws into an RGB buffer of `size` with `draw` and saves it as PNG at `path`.
 fn render_png(
@@ -85,7 +76,8 @@ fn render_png(
     let (w, h) = size;
     let mut buf = vec![255u8; w as usize * h as usize * 3];
     {
-        let root = BitMapBackend::with_buffer(&mut buf, size).into_drawing_area();
+        let root =
+            GlyphBackend::new(BitMapBackend::with_buffer(&mut buf, size)).into_drawing_area();
         root.fill(&WHITE)?;
         draw(&root).with_context(|| format!("drawing {}", path.display()))?;
         root.present()?;
@@ -160,11 +152,11 @@ fn draw_line_chart(area: &Area, chart: &LineChart) -> anyhow::Result<()> {
     };
 
     let mut ctx = ChartBuilder::on(area)
-        .caption(chart.title, bold(26.0))
+        .caption(chart.title, bold(30.0))
         .margin(18)
         .margin_right(30)
-        .x_label_area_size(58)
-        .y_label_area_size(78)
+        .x_label_area_size(72)
+        .y_label_area_size(100)
         .build_cartesian_2d(x0..x1, y0..y1)?;
 
     let x_labels = if chart.integer_x {
@@ -190,8 +182,8 @@ fn draw_line_chart(area: &Area, chart: &LineChart) -> anyhow::Result<()> {
     ctx.configure_mesh()
         .x_desc(chart.x_desc)
         .y_desc(chart.y_desc)
-        .axis_desc_style(font(20.0))
-        .label_style(font(16.0))
+        .axis_desc_style(font(24.0))
+        .label_style(font(20.0))
         .x_labels(x_labels)
         .y_labels(8)
         .x_label_formatter(&x_fmt)
@@ -206,7 +198,7 @@ fn draw_line_chart(area: &Area, chart: &LineChart) -> anyhow::Result<()> {
         area.draw(&Text::new(
             "no data recorded",
             (w as i32 / 2, h as i32 / 2),
-            font(22.0).pos(Pos::new(HPos::Center, VPos::Center)),
+            font(24.0).pos(Pos::new(HPos::Center, VPos::Center)),
         ))?;
         return Ok(());
     }
@@ -241,7 +233,7 @@ fn draw_line_chart(area: &Area, chart: &LineChart) -> anyhow::Result<()> {
     ctx.configure_series_labels()
         .position(chart.legend_at.clone())
         .margin(12)
-        .label_font(font(17.0))
+        .label_font(font(20.0))
         .background_style(WHITE.mix(0.9))
         .border_style(RGBColor(180, 180, 180))
         .draw()?;
@@ -448,27 +440,37 @@ pub fn plot_valid_miou_overlay(exps: &[ExperimentSummary], path: &Path) -> anyho
 /// y axis, so long names stay legible), each labelled with its value and best epoch.
 pub fn plot_best_miou_bars(exps: &[ExperimentSummary], path: &Path) -> anyhow::Result<()> {
     let n = exps.len();
-    let height = (150 + 64 * n as u32).clamp(320, 1400);
+    let height = (170 + 70 * n as u32).clamp(360, 1400);
     render_png(path, (SIZE.0, height), |area| {
-        let label_font = font(17.0);
+        let label_font = font(20.0);
         let name_width = exps
             .iter()
             .map(|e| area.estimate_text_size(&e.name, &label_font).map(|s| s.0))
             .try_fold(0u32, |acc, w| w.map(|w| acc.max(w)))?;
-        let best = exps
-            .iter()
-            .map(|e| e.best_valid_miou)
-            .filter(|v| v.is_finite())
-            .fold(0.0f64, f64::max);
-        // Room to the right of the longest bar for its label.
-        let x_max = (best * 1.25).clamp(0.1, 1.25);
+        let value_font = bold(20.0);
+        let labels: Vec<String> = exps.iter().map(bar_label).collect();
+        let y_area = name_width.min(SIZE.0 / 2) + 24;
+        // Each bar's label sits right of the bar: choose the x range so the widest
+        // one fits inside the plot (plot width = image width - label area - margins).
+        let plot_px = f64::from(SIZE.0.saturating_sub(y_area + 18 + 30).max(100));
+        let mut x_max = 0.1f64;
+        for (e, label) in exps.iter().zip(&labels) {
+            let v = e.best_valid_miou;
+            if !v.is_finite() {
+                continue;
+            }
+            let label_px = f64::from(area.estimate_text_size(label, &value_font)?.0) + 20.0;
+            let share = (label_px / plot_px).min(0.8);
+            x_max = x_max.max(v.max(0.0) / (1.0 - share));
+        }
+        let last = n.max(1) as i32 - 1;
         let mut ctx = ChartBuilder::on(area)
-            .caption("Best validation mIoU per experiment", bold(26.0))
+            .caption("Best validation mIoU per experiment", bold(30.0))
             .margin(18)
             .margin_right(30)
-            .x_label_area_size(58)
-            .y_label_area_size(name_width.min(SIZE.0 / 2) + 24)
-            .build_cartesian_2d(0.0..x_max, (0..n.max(1) as i32).into_segmented())?;
+            .x_label_area_size(72)
+            .y_label_area_size(y_area)
+            .build_cartesian_2d(0.0..x_max, (0..last).into_segmented())?;
         let name_of = |v: &SegmentValue<i32>| match v {
             SegmentValue::CenterOf(j) if (*j as usize) < n => {
                 exps[n - 1 - *j as usize].name.clone()
@@ -478,7 +480,7 @@ pub fn plot_best_miou_bars(exps: &[ExperimentSummary], path: &Path) -> anyhow::R
         ctx.configure_mesh()
             .disable_y_mesh()
             .x_desc("Best validation mIoU")
-            .axis_desc_style(font(20.0))
+            .axis_desc_style(font(24.0))
             .label_style(label_font.clone())
             .x_labels(8)
             .x_label_formatter(&|x| format!("{x:.2}"))
@@ -491,16 +493,7 @@ pub fn plot_best_miou_bars(exps: &[ExperimentSummary], path: &Path) -> anyhow::R
         for (i, e) in exps.iter().enumerate() {
             let j = (n - 1 - i) as i32;
             let v = e.best_valid_miou;
-            let label = if v.is_finite() {
-                format!(
-                    "{} ({} {})",
-                    fmt_metric(v),
-                    e.unit.label().to_lowercase(),
-                    e.best_epoch
-                )
-            } else {
-                "—".to_string()
-            };
+            let label = labels[i].clone();
             let v = if v.is_finite() { v.max(0.0) } else { 0.0 };
             let mut bar = Rectangle::new(
                 [
@@ -516,10 +509,24 @@ pub fn plot_best_miou_bars(exps: &[ExperimentSummary], path: &Path) -> anyhow::R
                     + Text::new(
                         label,
                         (8, 0),
-                        bold(17.0).pos(Pos::new(HPos::Left, VPos::Center)),
+                        value_font.pos(Pos::new(HPos::Left, VPos::Center)),
                     ),
             ))?;
         }
         Ok(())
     })
+}
+
+/// "0.8182 (epoch 12)", or "—" when the experiment has no finite best mIoU.
+fn bar_label(e: &ExperimentSummary) -> String {
+    if e.best_valid_miou.is_finite() {
+        format!(
+            "{} ({} {})",
+            fmt_metric(e.best_valid_miou),
+            e.unit.label().to_lowercase(),
+            e.best_epoch
+        )
+    } else {
+        "—".to_string()
+    }
 }

@@ -32,17 +32,18 @@ fn any_test(exps: &[ExperimentSummary]) -> bool {
     exps.iter().any(|e| e.split_metrics("test").is_some())
 }
 
-/// One row per experiment: configuration, best validation scores, test scores (only
-/// when some experiment has them), cost. The best validation mIoU is emphasised.
-pub(crate) fn summary_table(exps: &[ExperimentSummary]) -> Table {
+/// One row per experiment: configuration, best validation scores and test scores (the
+/// test columns only when some experiment has them). The best validation mIoU is
+/// emphasised.
+pub(crate) fn results_table(exps: &[ExperimentSummary]) -> Table {
     let with_test = any_test(exps);
     let mut headers: Vec<(&str, bool)> = vec![
         ("Experiment", false),
         ("Arch", false),
         ("Backbone", false),
         ("Image size", false),
-        ("Epochs", true),
-        ("Best epoch", true),
+        ("Trained", true),
+        ("Best at", true),
         ("Best valid mIoU", true),
         ("Valid Dice", true),
         ("Valid AUC", true),
@@ -50,12 +51,6 @@ pub(crate) fn summary_table(exps: &[ExperimentSummary]) -> Table {
     if with_test {
         headers.extend([("Test mIoU", true), ("Test Dice", true), ("Test AUC", true)]);
     }
-    headers.extend([
-        ("Train time", true),
-        ("Peak memory", true),
-        ("Params", true),
-        ("Device", false),
-    ]);
     let top = exps
         .iter()
         .map(|e| e.best_valid_miou)
@@ -70,7 +65,11 @@ pub(crate) fn summary_table(exps: &[ExperimentSummary]) -> Table {
                 Cell::plain(or_missing(&e.backbone)),
                 Cell::plain(or_missing(&e.imgsz)),
                 Cell::plain(format!("{} {}", e.epochs, unit_word(e, e.epochs))),
-                Cell::plain(e.best_epoch.to_string()),
+                Cell::plain(format!(
+                    "{} {}",
+                    e.unit.label().to_lowercase(),
+                    e.best_epoch
+                )),
                 Cell {
                     text: fmt_metric(e.best_valid_miou),
                     strong: exps.len() > 1 && e.best_valid_miou == top,
@@ -86,12 +85,6 @@ pub(crate) fn summary_table(exps: &[ExperimentSummary]) -> Table {
                     Cell::plain(fmt_opt_metric(t.and_then(|m| m.auc))),
                 ]);
             }
-            row.extend([
-                Cell::plain(fmt_duration(e.train_seconds)),
-                Cell::plain(fmt_bytes_mib(e.peak_rss_mib)),
-                Cell::plain(fmt_count(e.param_count)),
-                Cell::plain(or_missing(&e.device)),
-            ]);
             row
         })
         .collect();
@@ -99,6 +92,33 @@ pub(crate) fn summary_table(exps: &[ExperimentSummary]) -> Table {
         numeric: headers.iter().map(|h| h.1).collect(),
         headers: headers.iter().map(|h| h.0.to_string()).collect(),
         rows,
+    }
+}
+
+/// One row per experiment: what training cost (time, memory, model size, device).
+pub(crate) fn cost_table(exps: &[ExperimentSummary]) -> Table {
+    let headers = [
+        ("Experiment", false),
+        ("Train time", true),
+        ("Peak memory (RSS)", true),
+        ("Parameters", true),
+        ("Device", false),
+    ];
+    Table {
+        headers: headers.iter().map(|h| h.0.to_string()).collect(),
+        numeric: headers.iter().map(|h| h.1).collect(),
+        rows: exps
+            .iter()
+            .map(|e| {
+                vec![
+                    Cell::plain(e.name.clone()),
+                    Cell::plain(fmt_duration(e.train_seconds)),
+                    Cell::plain(fmt_bytes_mib(e.peak_rss_mib)),
+                    Cell::plain(fmt_count(e.param_count)),
+                    Cell::plain(or_missing(&e.device)),
+                ]
+            })
+            .collect(),
     }
 }
 
@@ -166,7 +186,6 @@ pub(crate) fn eval_table(e: &ExperimentSummary) -> Option<Table> {
     }
     let headers = [
         "Split",
-        "Pixels",
         "Accuracy",
         "mIoU",
         "Vessel IoU",
@@ -178,8 +197,11 @@ pub(crate) fn eval_table(e: &ExperimentSummary) -> Option<Table> {
     ];
     let row = |m: &SplitMetrics| {
         vec![
-            Cell::plain(m.split.clone()),
-            Cell::plain(if m.fov { "inside FOV" } else { "all" }),
+            Cell::plain(if m.fov {
+                format!("{} (FOV)", m.split)
+            } else {
+                format!("{} (all pixels)", m.split)
+            }),
             Cell::plain(fmt_metric(m.accuracy)),
             Cell::plain(fmt_metric(m.miou)),
             Cell::plain(fmt_metric(m.vessel_iou)),
