@@ -240,3 +240,22 @@ fn summaries_round_trip_through_json() {
     let m: ExperimentSummary = serde_json::from_str(minimal).unwrap();
     assert!(m.history.is_empty() && m.predictions.is_empty() && m.backbone.is_empty());
 }
+
+#[test]
+fn single_experiment_nan_best_and_empty_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut exps = synthetic_summaries(&tmp.path().join("inputs"));
+    exps.truncate(1);
+    exps[0].best_valid_miou = f64::NAN;
+    exps[0].predictions.clear();
+    let out = tmp.path().join("one");
+    render_comparison("single", &exps, &out).unwrap();
+    let bars = image::open(out.join("best_valid_miou.png")).unwrap();
+    assert_eq!(bars.width(), 960);
+    let md = fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(md.contains("— no predictions recorded."));
+    assert!(row_of(&md, &exps[0].name).contains("| — |"));
+
+    let err = render_comparison("none", &[], &tmp.path().join("none")).unwrap_err();
+    assert!(err.to_string().contains("no experiments"), "{err}");
+}

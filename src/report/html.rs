@@ -111,22 +111,24 @@ section.exp h2 { border:none; margin-top:18px; display:flex; align-items:center;
 .muted { color:var(--muted); }
 .table-wrap { overflow-x:auto; margin:8px 0 16px; }
 table { border-collapse:collapse; font-size:14px; font-variant-numeric:tabular-nums; }
-th, td { padding:6px 11px; border-bottom:1px solid var(--line); text-align:left; white-space:nowrap; }
+th, td { padding:6px 10px; border-bottom:1px solid var(--line); text-align:left; white-space:nowrap; }
+thead th { white-space:normal; vertical-align:bottom; line-height:1.25; }
+table.summary thead th.num { min-width:64px; }
 thead th { background:var(--soft); font-weight:600; border-bottom:2px solid var(--line); }
 tbody tr:nth-child(even) td { background:#fbfcfd; }
 tbody tr:hover td { background:#eef4fb; }
 .num { text-align:right; }
 table.kv td:first-child { color:var(--muted); }
 .figs { display:grid; gap:16px; grid-template-columns:repeat(auto-fit,minmax(340px,1fr)); margin:10px 0; align-items:start; }
+.figs.two { grid-template-columns:repeat(auto-fit,minmax(420px,1fr)); }
 .note { font-size:12.5px; color:var(--muted); margin:-8px 0 10px; }
 figure { margin:0; border:1px solid var(--line); border-radius:8px; padding:8px; background:#fff; }
 figure img { width:100%; height:auto; display:block; }
-figcaption { font-size:13px; color:var(--muted); margin-top:6px; text-align:center; }
 .cols { display:grid; gap:18px 26px; grid-template-columns:minmax(280px,380px) 1fr; align-items:start; }
 @media (max-width:900px) { .cols { grid-template-columns:1fr; } }
 table.grid { table-layout:fixed; width:100%; }
 table.grid th, table.grid td { white-space:normal; text-align:center; vertical-align:top; padding:6px; }
-table.grid td.id { font-weight:600; width:70px; vertical-align:middle; }
+table.grid td.id, table.grid td.muted { font-weight:600; width:70px; vertical-align:middle; }
 table.grid img { width:100%; max-width:420px; height:auto; display:block; margin:0 auto; border-radius:4px; }
 table.grid tbody tr:nth-child(even) td, table.grid tbody tr:hover td { background:none; }
 footer { color:var(--muted); font-size:13px; border-top:1px solid var(--line); padding:14px 0 30px; }
@@ -166,14 +168,14 @@ pub(crate) fn comparison_page(doc: &ReportDoc, root: &Path) -> anyhow::Result<St
          <title>{}</title>\n<style>{CSS}</style>\n<script>{IMAGE_CHECK_JS}</script>\n</head>\n<body>\n",
         esc(doc.title)
     );
-    let _ = write!(
+    let _ = writeln!(
         o,
         "<header><div class=\"wrap\"><h1>{}</h1><p>{n} experiment{} · retinal-vessel segmentation · \
-         best checkpoint chosen by validation mIoU</p></div></header>\n",
+         best checkpoint chosen by validation mIoU</p></div></header>",
         esc(doc.title),
         if n == 1 { "" } else { "s" }
     );
-    o.push_str("<nav><div class=\"wrap\"><a href=\"#summary\">Summary</a><a href=\"#predictions\">Test predictions</a>");
+    o.push_str("<nav><div class=\"wrap\"><a href=\"#summary\">Results</a><a href=\"#predictions\">Test predictions</a>");
     for (i, e) in doc.exps.iter().enumerate() {
         let _ = write!(o, "<a href=\"#{}\">{}</a>", anchor(i), esc(&e.name));
     }
@@ -182,16 +184,11 @@ pub(crate) fn comparison_page(doc: &ReportDoc, root: &Path) -> anyhow::Result<St
     o.push_str("<h2 id=\"summary\">Results</h2>\n");
     table(&mut o, &tables::results_table(doc.exps), "summary");
     o.push_str("<div class=\"figs\">\n");
-    for (file, caption) in [
+    for (file, alt) in [
         (BEST_MIOU_PNG, "Best validation mIoU of each experiment"),
         (MIOU_OVERLAY_PNG, "Validation mIoU during training"),
     ] {
-        let _ = write!(
-            o,
-            "<figure>{}<figcaption>{}</figcaption></figure>\n",
-            img(root, Path::new(file), caption)?,
-            esc(caption)
-        );
+        let _ = writeln!(o, "<figure>{}</figure>", img(root, Path::new(file), alt)?);
     }
     o.push_str("</div>\n<h3>Training cost</h3>\n");
     table(&mut o, &tables::cost_table(doc.exps), "cost");
@@ -253,9 +250,9 @@ fn experiment_section(
     curves: &[std::path::PathBuf; 3],
     root: &Path,
 ) -> anyhow::Result<()> {
-    let _ = write!(
+    let _ = writeln!(
         o,
-        "<section class=\"exp\" id=\"{}\"><h2>{}{}</h2>\n",
+        "<section class=\"exp\" id=\"{}\"><h2>{}{}</h2>",
         anchor(i),
         swatch(i),
         esc(&e.name)
@@ -275,19 +272,22 @@ fn experiment_section(
             let _ = write!(o, "<p class=\"muted\">{MISSING} not evaluated yet.</p>");
         }
     }
-    o.push_str("</div></div>\n<div class=\"figs\">");
-    for (rel, what) in curves
-        .iter()
-        .zip(["Train vs valid loss", "Pixel accuracy", "mIoU"])
-    {
-        let alt = format!("{what} of {}", e.name);
-        let _ = write!(
-            o,
-            "<figure>{}<figcaption>{}</figcaption></figure>",
-            img(root, rel, &alt)?,
-            esc(what)
-        );
-    }
+    // The mIoU curve (the figure the experiments are compared on) fills the space
+    // beside the details table; loss and accuracy follow side by side.
+    let [loss, accuracy, miou] = curves;
+    let fig = |rel: &Path, what: &str| -> anyhow::Result<String> {
+        Ok(format!(
+            "<figure>{}</figure>",
+            img(root, rel, &format!("{what} of {}", e.name))?
+        ))
+    };
+    let _ = write!(
+        o,
+        "<h3>Training curves</h3>{}</div></div>\n<div class=\"figs two\">{}{}",
+        fig(miou, "mIoU")?,
+        fig(loss, "Train vs valid loss")?,
+        fig(accuracy, "Pixel accuracy")?
+    );
     o.push_str("</div></section>\n");
     Ok(())
 }

@@ -205,11 +205,17 @@ pub fn render_experiment(summary: &ExperimentSummary, out_dir: &Path) -> anyhow:
 /// - `best_valid_miou.png` (bar chart) and `valid_miou_curves.png` (overlay);
 /// - `experiments/<name>/`: each experiment's report (see [`render_experiment`]);
 /// - `predictions/<name>/`: copies of the prediction PNGs shown in the grid.
+///
+/// Fails when `exps` is empty or a prediction PNG cannot be read.
 pub fn render_comparison(
     title: &str,
     exps: &[ExperimentSummary],
     out_dir: &Path,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !exps.is_empty(),
+        "no experiments to compare for report `{title}`"
+    );
     fs::create_dir_all(out_dir)
         .with_context(|| format!("creating report folder {}", out_dir.display()))?;
     let slugs = unique_slugs(exps);

@@ -440,7 +440,7 @@ pub fn plot_valid_miou_overlay(exps: &[ExperimentSummary], path: &Path) -> anyho
 /// y axis, so long names stay legible), each labelled with its value and best epoch.
 pub fn plot_best_miou_bars(exps: &[ExperimentSummary], path: &Path) -> anyhow::Result<()> {
     let n = exps.len();
-    let height = (170 + 70 * n as u32).clamp(360, 1400);
+    let height = (170 + 70 * n as u32).clamp(SIZE.1, 1400);
     render_png(path, (SIZE.0, height), |area| {
         let label_font = font(20.0);
         let name_width = exps
@@ -463,54 +463,59 @@ pub fn plot_best_miou_bars(exps: &[ExperimentSummary], path: &Path) -> anyhow::R
             let share = (label_px / plot_px).min(0.8);
             x_max = x_max.max(v.max(0.0) / (1.0 - share));
         }
-        let last = n.max(1) as i32 - 1;
+        // Slot j (from the bottom) holds experiment n-1-j, so the first is on top.
+        let slots = n.max(1) as f64;
+        // Bars fill ~60% of their slot (at most 90 px thick).
+        let slot_px = height.saturating_sub(18 * 2 + 50 + 72) / n.max(1) as u32;
+        let gap = (slot_px / 5).max(slot_px.saturating_sub(90) / 2).max(6);
         let mut ctx = ChartBuilder::on(area)
             .caption("Best validation mIoU per experiment", bold(30.0))
             .margin(18)
             .margin_right(30)
             .x_label_area_size(72)
             .y_label_area_size(y_area)
-            .build_cartesian_2d(0.0..x_max, (0..last).into_segmented())?;
-        let name_of = |v: &SegmentValue<i32>| match v {
-            SegmentValue::CenterOf(j) if (*j as usize) < n => {
-                exps[n - 1 - *j as usize].name.clone()
-            }
-            _ => String::new(),
-        };
+            .build_cartesian_2d(0.0..x_max, 0.0..slots)?;
         ctx.configure_mesh()
             .disable_y_mesh()
+            .y_labels(0)
             .x_desc("Best validation mIoU")
             .axis_desc_style(font(24.0))
             .label_style(label_font.clone())
             .x_labels(8)
-            .x_label_formatter(&|x| format!("{x:.2}"))
-            .y_label_formatter(&name_of)
-            .y_labels(n.max(1))
+            // The range may run past 1 to make room for labels; mIoU itself cannot.
+            .x_label_formatter(&|x| {
+                if *x <= 1.0 + 1e-9 {
+                    format!("{x:.2}")
+                } else {
+                    String::new()
+                }
+            })
             .bold_line_style(GRID_COLOR.stroke_width(1))
             .light_line_style(WHITE)
             .axis_style(RGBColor(120, 120, 120))
             .draw()?;
-        for (i, e) in exps.iter().enumerate() {
-            let j = (n - 1 - i) as i32;
+        for (i, (e, label)) in exps.iter().zip(labels).enumerate() {
+            let j = (n - 1 - i) as f64;
             let v = e.best_valid_miou;
-            let label = labels[i].clone();
             let v = if v.is_finite() { v.max(0.0) } else { 0.0 };
-            let mut bar = Rectangle::new(
-                [
-                    (0.0, SegmentValue::Exact(j)),
-                    (v, SegmentValue::Exact(j + 1)),
-                ],
-                palette(i).filled(),
-            );
-            bar.set_margin(10, 10, 0, 0);
+            let mut bar = Rectangle::new([(0.0, j), (v, j + 1.0)], palette(i).filled());
+            bar.set_margin(gap, gap, 0, 0);
             ctx.draw_series(std::iter::once(bar))?;
             ctx.draw_series(std::iter::once(
-                EmptyElement::at((v, SegmentValue::CenterOf(j)))
+                EmptyElement::at((v, j + 0.5))
                     + Text::new(
                         label,
                         (8, 0),
                         value_font.pos(Pos::new(HPos::Left, VPos::Center)),
                     ),
+            ))?;
+            // The name goes left of the axis, outside the plotting area: draw it on
+            // the whole image at the pixel the chart maps the slot centre to.
+            let (px, py) = ctx.backend_coord(&(0.0, j + 0.5));
+            area.draw(&Text::new(
+                e.name.clone(),
+                (px - 12, py),
+                label_font.pos(Pos::new(HPos::Right, VPos::Center)),
             ))?;
         }
         Ok(())
