@@ -12,11 +12,11 @@ use std::process::Command;
 use driveline::report::render_comparison;
 use report_support::synthetic_summaries;
 
-fn chromium() -> Option<PathBuf> {
-    let path = std::env::var_os("DRIVELINE_CHROMIUM")
+/// The Chromium binary to use: `DRIVELINE_CHROMIUM` or `/usr/bin/chromium`.
+fn chromium_path() -> PathBuf {
+    std::env::var_os("DRIVELINE_CHROMIUM")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
-    path.is_file().then_some(path)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
 }
 
 /// Runs headless Chromium on `url` with `extra` arguments and a fresh profile.
@@ -43,17 +43,19 @@ fn run_chromium(bin: &Path, profile: &Path, extra: &[String], url: &str) -> std:
 
 #[test]
 fn index_html_images_load_in_chromium() {
-    let Some(bin) = chromium() else {
+    let bin = chromium_path();
+    if !bin.is_file() {
         if std::env::var("DRIVELINE_SKIP_BROWSER").as_deref() == Ok("1") {
             eprintln!("chromium not installed; skipped because DRIVELINE_SKIP_BROWSER=1");
             return;
         }
         panic!(
-            "headless Chromium is needed for this test but /usr/bin/chromium does not exist: \
+            "headless Chromium is needed for this test but {} does not exist: \
              install it (`apt-get install -y chromium`), point DRIVELINE_CHROMIUM at it, \
-             or set DRIVELINE_SKIP_BROWSER=1 to skip"
+             or set DRIVELINE_SKIP_BROWSER=1 to skip",
+            bin.display()
         );
-    };
+    }
 
     // Persist the report and the screenshot under <target>/test-output/report_browser/.
     let out = Path::new(env!("CARGO_TARGET_TMPDIR"))
