@@ -131,3 +131,6 @@ impl SegModel {
         self.store.load(tensors, &|_| false, false).map_err(anyhow::Error::msg)
     }
 }
+
+#[cfg(test)]
+mod tests;
