@@ -45,7 +45,11 @@ fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
 
 /// Loads the fixture weights, then checks the eval output, the train output and the BatchNorm
 /// buffers after the train forward (including `num_batches_tracked` = 1).
-fn check(store: &ParamStore, t: &HashMap<String, Tensor>, forward: impl Fn(&Tensor, bool) -> Tensor) {
+fn check(
+    store: &ParamStore,
+    t: &HashMap<String, Tensor>,
+    forward: impl Fn(&Tensor, bool) -> Tensor,
+) {
     store.load(t, &|_| false, false).unwrap();
     let x = &t["x"];
     assert_close(&forward(x, false), &t["y_eval"], "eval output");
@@ -135,8 +139,15 @@ fn load_pretrained_reads_pytorch_pth() {
     };
     let model = SegModel::new(&cfg, &Device::Cpu, 1).unwrap();
     let before = model.forward(&t["x"], false).unwrap();
-    assert!(rel_err(&before, &t["y_eval"]) > 1e-2, "fresh model already matches");
+    assert!(
+        rel_err(&before, &t["y_eval"]) > 1e-2,
+        "fresh model already matches"
+    );
     let notes = load_pretrained(&model, &fixture_path("model_unet.pth")).unwrap();
     assert!(notes.is_empty(), "{notes:?}");
-    assert_close(&model.forward(&t["x"], false).unwrap(), &t["y_eval"], "after .pth load");
+    assert_close(
+        &model.forward(&t["x"], false).unwrap(),
+        &t["y_eval"],
+        "after .pth load",
+    );
 }

@@ -118,8 +118,7 @@ fn meta_from_header(path: &Path, header: &[u8]) -> anyhow::Result<CheckpointMeta
 
 /// Reads only the metadata of a checkpoint (its header), without the tensors.
 pub fn read_meta(path: &Path) -> anyhow::Result<CheckpointMeta> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
         .map_err(|_| not_ours(path, "too short for a safetensors file"))?;
@@ -155,8 +154,7 @@ pub fn load(path: &Path, device: &Device) -> anyhow::Result<(SegModel, Checkpoin
 /// Reads a state dict from `.safetensors` or a PyTorch zip `.pth`/`.pt` (by content).
 fn read_state_dict(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
     let mut magic = [0u8; 4];
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let is_zip = f.read_exact(&mut magic).is_ok() && &magic == b"PK\x03\x04";
     if is_zip {
         let mut tensors = candle_core::pickle::read_all(path)

@@ -203,7 +203,13 @@ impl Builder {
         self.rng.next_u64()
     }
 
-    fn var(&mut self, name: String, data: Vec<f32>, shape: &[usize], trainable: bool) -> Result<Var> {
+    fn var(
+        &mut self,
+        name: String,
+        data: Vec<f32>,
+        shape: &[usize],
+        trainable: bool,
+    ) -> Result<Var> {
         let var = Var::from_tensor(&Tensor::from_vec(data, shape, &self.device)?)?;
         self.store.entries.push(Entry::Var {
             name,
@@ -225,7 +231,13 @@ impl Builder {
             .collect()
     }
 
-    fn weight(&mut self, name: String, shape: [usize; 4], fan_in: usize, init: Init) -> Result<Var> {
+    fn weight(
+        &mut self,
+        name: String,
+        shape: [usize; 4],
+        fan_in: usize,
+        init: Init,
+    ) -> Result<Var> {
         let n: usize = shape.iter().product();
         let data = match init {
             Init::KaimingNormalFanOut => {
@@ -233,7 +245,9 @@ impl Builder {
                 let std = (2.0 / fan_out as f64).sqrt();
                 let normal = Normal::new(0.0, std)
                     .map_err(|e| candle_core::Error::Msg(format!("normal init: {e}")))?;
-                (0..n).map(|_| normal.sample(&mut self.rng) as f32).collect()
+                (0..n)
+                    .map(|_| normal.sample(&mut self.rng) as f32)
+                    .collect()
             }
             Init::TorchDefault => self.uniform(n, 1.0 / (fan_in as f32).sqrt()),
         };

@@ -135,7 +135,17 @@ impl Bottleneck {
     ) -> Result<Self> {
         let k = Init::KaimingNormalFanOut;
         let out = planes * 4;
-        let conv1 = b.conv2d(&join(prefix, "conv1"), inplanes, planes, 1, 1, 0, 1, false, k)?;
+        let conv1 = b.conv2d(
+            &join(prefix, "conv1"),
+            inplanes,
+            planes,
+            1,
+            1,
+            0,
+            1,
+            false,
+            k,
+        )?;
         let bn1 = b.batch_norm(&join(prefix, "bn1"), planes)?;
         let conv2 = b.conv2d(
             &join(prefix, "conv2"),

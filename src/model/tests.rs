@@ -134,7 +134,11 @@ fn unet_odd_image_padded_to_stride_and_cropped_back() {
     let x = input(1, h, w);
     let s = m.stride();
     let (ph, pw) = (h.div_ceil(s) * s - h, w.div_ceil(s) * s - w);
-    let padded = x.pad_with_zeros(2, 0, ph).unwrap().pad_with_zeros(3, 0, pw).unwrap();
+    let padded = x
+        .pad_with_zeros(2, 0, ph)
+        .unwrap()
+        .pad_with_zeros(3, 0, pw)
+        .unwrap();
     assert_eq!(padded.dims(), &[1, 3, 584, 568]);
     let y = m.forward(&padded, false).unwrap();
     let y = y.i((.., .., ..h, ..w)).unwrap();
@@ -161,7 +165,11 @@ fn same_seed_gives_same_initial_weights() {
     let a = SegModel::new(&cfg, &Device::Cpu, 7).unwrap();
     let b = SegModel::new(&cfg, &Device::Cpu, 7).unwrap();
     let c = SegModel::new(&cfg, &Device::Cpu, 8).unwrap();
-    let (sa, sb, sc) = (a.state_dict().unwrap(), b.state_dict().unwrap(), c.state_dict().unwrap());
+    let (sa, sb, sc) = (
+        a.state_dict().unwrap(),
+        b.state_dict().unwrap(),
+        c.state_dict().unwrap(),
+    );
     let mut differs = 0;
     for ((ka, ta), ((_, tb), (_, tc))) in sa.iter().zip(sb.iter().zip(&sc)) {
         if ta.dtype() != DType::F32 {
@@ -191,7 +199,13 @@ fn init_statistics_follow_torchvision() {
     // PyTorch default: U(±1/sqrt(fan_in)), std = bound/√3, fan_in = 512.
     let w = &sd["classifier.0.convs.0.0.weight"];
     let bound = 1.0 / 512f32.sqrt();
-    let max = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let max = w
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(max <= bound && max > 0.95 * bound, "{max} vs {bound}");
     assert!((std(w) / (bound / 3f32.sqrt()) - 1.0).abs() < 0.02);
     let ones: Vec<f32> = sd["backbone.bn1.weight"].to_vec1().unwrap();
@@ -203,7 +217,13 @@ fn dropout_is_identity_in_eval_and_seeded_in_training() {
     let x = Tensor::ones((4, 8, 16, 16), DType::F32, &Device::Cpu).unwrap();
     let d = Dropout::new(0.5, 11);
     assert_eq!(max_abs_diff(&d.forward(&x, false).unwrap(), &x), 0.0);
-    let y: Vec<f32> = d.forward(&x, true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let y: Vec<f32> = d
+        .forward(&x, true)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert!(y.iter().all(|&v| v == 0.0 || v == 2.0));
     let kept = y.iter().filter(|&&v| v == 2.0).count() as f32 / y.len() as f32;
     assert!((kept - 0.5).abs() < 0.05, "kept {kept}");
@@ -241,7 +261,11 @@ fn checkpoint_round_trip_gives_identical_logits() {
         let b = loaded.forward(&x, false).unwrap();
         assert_eq!(max_abs_diff(&a, &b), 0.0);
         let sd: HashMap<String, Tensor> = loaded.state_dict().unwrap().into_iter().collect();
-        let nbt = sd.iter().find(|(k, _)| k.ends_with("num_batches_tracked")).unwrap().1;
+        let nbt = sd
+            .iter()
+            .find(|(k, _)| k.ends_with("num_batches_tracked"))
+            .unwrap()
+            .1;
         assert_eq!(nbt.to_scalar::<i64>().unwrap(), 1);
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
@@ -300,7 +324,11 @@ fn load_pretrained_accepts_torchvision_layouts() {
     assert_eq!(notes.len(), 2, "{notes:?}");
     let got: HashMap<String, Tensor> = target.state_dict().unwrap().into_iter().collect();
     assert_eq!(max_abs_diff(&got[key], &sd[key]), 0.0);
-    let head = &fresh_head.iter().find(|(k, _)| k == "classifier.4.weight").unwrap().1;
+    let head = &fresh_head
+        .iter()
+        .find(|(k, _)| k == "classifier.4.weight")
+        .unwrap()
+        .1;
     assert_eq!(max_abs_diff(&got["classifier.4.weight"], head), 0.0);
     assert_eq!(
         max_abs_diff(&got["classifier.1.weight"], &sd["classifier.1.weight"]),
@@ -311,7 +339,10 @@ fn load_pretrained_accepts_torchvision_layouts() {
     let imagenet: HashMap<String, Tensor> = sd
         .iter()
         .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
-        .filter_map(|(k, t)| k.strip_prefix("backbone.").map(|s| (s.to_string(), t.clone())))
+        .filter_map(|(k, t)| {
+            k.strip_prefix("backbone.")
+                .map(|s| (s.to_string(), t.clone()))
+        })
         .chain([(
             "fc.weight".to_string(),
             Tensor::zeros((1000, 512), DType::F32, &Device::Cpu).unwrap(),
@@ -332,7 +363,9 @@ fn load_pretrained_accepts_torchvision_layouts() {
     write_plain(&path, broken);
     let target = SegModel::new(&cfg, &Device::Cpu, 4).unwrap();
     let before: HashMap<String, Tensor> = target.state_dict().unwrap().into_iter().collect();
-    let err = checkpoint::load_pretrained(&target, &path).unwrap_err().to_string();
+    let err = checkpoint::load_pretrained(&target, &path)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("backbone.layer2.0.bn1.running_var"), "{err}");
     let after: HashMap<String, Tensor> = target.state_dict().unwrap().into_iter().collect();
     assert_eq!(max_abs_diff(&after[key], &before[key]), 0.0);
@@ -345,5 +378,8 @@ fn deeplab_small_backbones_output_512_channels() {
         panic!("not a deeplab")
     };
     assert_eq!(d.backbone.out_channels, 512);
-    assert_eq!(d.backbone.layers.iter().map(Vec::len).collect::<Vec<_>>(), [3, 4, 6, 3]);
+    assert_eq!(
+        d.backbone.layers.iter().map(Vec::len).collect::<Vec<_>>(),
+        [3, 4, 6, 3]
+    );
 }

@@ -96,7 +96,11 @@ impl BatchNorm2d {
             )
         };
         let inv = (var + self.eps)?.sqrt()?.recip()?;
-        let scale = self.weight.as_tensor().reshape(shape)?.broadcast_mul(&inv)?;
+        let scale = self
+            .weight
+            .as_tensor()
+            .reshape(shape)?
+            .broadcast_mul(&inv)?;
         x.broadcast_sub(&mean)?
             .broadcast_mul(&scale)?
             .broadcast_add(&self.bias.as_tensor().reshape(shape)?)
