@@ -437,3 +437,16 @@ fn every_trainable_parameter_gets_a_gradient() {
     let except = ["backbone.conv1", "backbone.bn1"];
     assert_gradients(&m, &y.sqr().unwrap().mean_all().unwrap(), &except);
 }
+
+#[test]
+fn load_pretrained_explains_legacy_pth_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("legacy.pth");
+    // What torch.save(..., _use_new_zipfile_serialization=False) writes first.
+    std::fs::write(&path, b"\x80\x02\x8a\x0alegacy pickle").unwrap();
+    let m = SegModel::new(&unet(&[4, 8], Upsample::Transpose), &Device::Cpu, 0).unwrap();
+    let err = checkpoint::load_pretrained(&m, &path)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("legacy"), "{err}");
+}
