@@ -91,7 +91,8 @@ fn not_ours(path: &Path, why: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("not a driveline checkpoint: {} ({why})", path.display())
 }
 
-/// Parses the metadata of a safetensors header (`bytes` starts at the 8-byte length prefix).
+/// Parses the driveline metadata out of a safetensors JSON header (the bytes after the 8-byte
+/// length prefix).
 fn meta_from_header(path: &Path, header: &[u8]) -> anyhow::Result<CheckpointMeta> {
     #[derive(Deserialize)]
     struct Header {

@@ -160,6 +160,12 @@ fn unet_bilinear_decoder_uses_1x1_convs() {
 }
 
 #[test]
+fn seg_model_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<SegModel>();
+}
+
+#[test]
 fn same_seed_gives_same_initial_weights() {
     let cfg = deeplab(Backbone::Resnet18);
     let a = SegModel::new(&cfg, &Device::Cpu, 7).unwrap();
