@@ -91,7 +91,8 @@ fn not_ours(path: &Path, why: impl std::fmt::Display) -> anyhow::Error {
     anyhow::anyhow!("not a driveline checkpoint: {} ({why})", path.display())
 }
 
-/// Parses the metadata of a safetensors header (`bytes` starts at the 8-byte length prefix).
+/// Parses the driveline metadata out of a safetensors JSON header (the bytes after the 8-byte
+/// length prefix).
 fn meta_from_header(path: &Path, header: &[u8]) -> anyhow::Result<CheckpointMeta> {
     #[derive(Deserialize)]
     struct Header {
@@ -155,8 +156,16 @@ pub fn load(path: &Path, device: &Device) -> anyhow::Result<(SegModel, Checkpoin
 fn read_state_dict(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
     let mut magic = [0u8; 4];
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let is_zip = f.read_exact(&mut magic).is_ok() && &magic == b"PK\x03\x04";
-    if is_zip {
+    let read = f.read_exact(&mut magic).is_ok();
+    // Legacy files are a pickle (protocol 2) starting with a LONG1 magic number.
+    if read && magic[..3] == [0x80, 0x02, 0x8a] {
+        bail!(
+            "{} is a legacy (pre-1.6, non-zip) PyTorch file, which cannot be read: re-save it with \
+             `torch.save(torch.load(p), q)` or convert it to .safetensors",
+            path.display()
+        );
+    }
+    if read && &magic == b"PK\x03\x04" {
         let mut tensors = candle_core::pickle::read_all(path)
             .with_context(|| format!("reading PyTorch file {}", path.display()))?;
         // Some training scripts wrap the weights: {"state_dict": ...} or {"model": ...}.

@@ -79,8 +79,8 @@ impl ParamStore {
             .collect()
     }
 
-    /// The `state_dict`: float tensors plus `num_batches_tracked` as int64 scalars, on `device`
-    /// of the parameters.
+    /// The `state_dict`: the float tensors (on the parameters' device) plus
+    /// `num_batches_tracked` as int64 scalars (on the CPU).
     pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
         self.entries
             .iter()

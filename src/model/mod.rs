@@ -25,7 +25,7 @@ use unet::UNet;
 /// The network behind a [`SegModel`].
 #[derive(Debug)]
 pub enum Net {
-    DeepLabV3(DeepLabV3),
+    DeepLabV3(Box<DeepLabV3>),
     UNet(UNet),
 }
 
@@ -48,11 +48,11 @@ impl SegModel {
         }
         let mut b = Builder::new(device, seed);
         let net = match cfg.arch {
-            Arch::Deeplabv3 => Net::DeepLabV3(
+            Arch::Deeplabv3 => Net::DeepLabV3(Box::new(
                 DeepLabV3::new(&mut b, cfg.backbone, cfg.num_classes).with_context(|| {
                     format!("building deeplabv3 with {}", cfg.backbone.as_str())
                 })?,
-            ),
+            )),
             Arch::Unet => Net::UNet(
                 UNet::new(&mut b, &cfg.widths, cfg.upsample, cfg.num_classes)
                     .context("building unet")?,
@@ -141,3 +141,6 @@ impl SegModel {
             .map_err(anyhow::Error::msg)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,77 @@
+//! Whole-model parity with torchvision, driven by `tools/parity.py` (not part of the test suite:
+//! it needs PyTorch and runs a full ResNet-50/101 DeepLabV3).
+//!
+//! `cargo run --example parity -- BACKBONE WEIGHTS INPUT OUT EXPORT`
+//! loads torchvision's `state_dict` (WEIGHTS, safetensors) through `load_pretrained`, runs the
+//! eval forward on INPUT's `x`, writes `logits` (upsampled) and `head` (classifier output at
+//! stride 8) to OUT, and exports a driveline checkpoint to EXPORT.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use driveline::config::schema::{Arch, Backbone, ModelConfig, Normalize};
+use driveline::model::checkpoint::{self, Preprocess};
+use driveline::model::{Net, SegModel};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [backbone, weights, input, out, export] = args.as_slice() else {
+        bail!("usage: parity BACKBONE WEIGHTS INPUT OUT EXPORT");
+    };
+    let backbone = match backbone.as_str() {
+        "resnet18" => Backbone::Resnet18,
+        "resnet34" => Backbone::Resnet34,
+        "resnet50" => Backbone::Resnet50,
+        "resnet101" => Backbone::Resnet101,
+        other => bail!("unknown backbone {other}"),
+    };
+    let cfg = ModelConfig {
+        arch: Arch::Deeplabv3,
+        backbone,
+        num_classes: 2,
+        ..ModelConfig::default()
+    };
+    let device = Device::Cpu;
+    let model = SegModel::new(&cfg, &device, 0)?;
+    let notes = checkpoint::load_pretrained(&model, Path::new(weights))?;
+    if !notes.is_empty() {
+        bail!("unexpected notes while loading torchvision weights: {notes:?}");
+    }
+    let x = candle_core::safetensors::load(input, &device)?
+        .remove("x")
+        .context("input file has no `x`")?;
+    let t0 = std::time::Instant::now();
+    let logits = model.forward(&x, false)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let Net::DeepLabV3(net) = model.net() else {
+        bail!("not a deeplabv3");
+    };
+    let head = net
+        .classifier
+        .forward(&net.backbone.forward(&x, false)?, false)?;
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([
+            ("logits".to_string(), logits),
+            ("head".to_string(), head),
+        ]),
+        out,
+    )?;
+    let pre = Preprocess {
+        imgsz: x.dim(2)? as u32,
+        normalize: Normalize::Imagenet,
+        crop: 0,
+    };
+    checkpoint::save(
+        &model,
+        &pre,
+        serde_json::json!({"source": "parity"}),
+        Path::new(export),
+    )?;
+    println!(
+        "{{\"backbone\": \"{}\", \"params\": {}, \"forward_s\": {secs:.2}}}",
+        backbone.as_str(),
+        model.param_count()
+    );
+    Ok(())
+}
