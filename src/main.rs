@@ -60,6 +60,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Run experiments (what is stale) and write their comparison report to reports/<name>/.
+    Report {
+        experiments: Vec<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Report name: the folder under --out.
+        #[arg(long, default_value = "comparison")]
+        name: String,
+        /// Where reports go (default: <project>/reports).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print an experiment's stage graph.
     Dag {
         experiment: Option<PathBuf>,
@@ -143,6 +157,7 @@ fn real_main(cli: Cli) -> Result<()> {
                         key: p.key,
                         seconds: 0.0,
                         reason: p.stale,
+                        role: String::new(),
                     });
                 }
                 reports.push(ExperimentReport {
@@ -152,6 +167,53 @@ fn real_main(cli: Cli) -> Result<()> {
             }
             if json {
                 print_json(&reports)?;
+            }
+            Ok(())
+        }
+        Cmd::Report {
+            experiments,
+            sets,
+            name,
+            out,
+            json,
+        } => {
+            if experiments.is_empty() {
+                bail!("name the experiments to compare, e.g. driveline report experiments/r50_512.toml experiments/r101_640.toml");
+            }
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                bail!("--name {name:?}: a plain folder name is needed");
+            }
+            let exps = load_all(&experiments, &sets)?;
+            let env = Env::new(&project_root(&experiments), cli.cache_dir.as_deref())?;
+            let opts = RunOptions {
+                quiet: json,
+                ..RunOptions::default()
+            };
+            let reports = run_all(&env, &exps, &opts)?;
+            let mut keys = Vec::new();
+            for r in &reports {
+                let Some(st) = r.stages.iter().find(|s| s.role == "report") else {
+                    bail!("experiment `{}`: its pipeline has no report stage", r.name);
+                };
+                keys.push((r.name.clone(), st.key.clone()));
+            }
+            let out_root = out.unwrap_or_else(|| env.project_root.join("reports"));
+            let t0 = std::time::Instant::now();
+            let (key, ran) = driveline::stages::report::compare(&env, &name, &keys, &out_root)?;
+            let dest = out_root.join(&name);
+            if json {
+                let v = serde_json::json!({
+                    "experiments": reports,
+                    "report": {"name": name, "status": if ran {"ran"} else {"cached"}, "key": key,
+                               "seconds": t0.elapsed().as_secs_f64(), "path": dest},
+                });
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!(
+                    "report `{name}`: {} → {}",
+                    if ran { "written" } else { "up to date" },
+                    dest.join("index.html").display()
+                );
             }
             Ok(())
         }

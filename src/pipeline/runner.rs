@@ -74,6 +74,9 @@ pub struct StageReport {
     pub seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The stage's role (`split`, `train`, `report`, ...).
+    #[serde(skip)]
+    pub role: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -320,6 +323,7 @@ pub fn run(
                 key: p.key.clone(),
                 seconds: 0.0,
                 reason: None,
+                role: role_of(&p.kind),
             });
             continue;
         };
@@ -331,6 +335,7 @@ pub fn run(
                 key: p.key.clone(),
                 seconds: 0.0,
                 reason: Some(reason),
+                role: role_of(&p.kind),
             });
             continue;
         }
@@ -348,6 +353,7 @@ pub fn run(
             key: p.key.clone(),
             seconds,
             reason: Some(reason),
+            role: role_of(&p.kind),
         });
     }
     Ok(report)

@@ -13,6 +13,7 @@ use crate::pipeline::progress::Progress;
 mod debug;
 pub mod evaluate;
 pub mod preprocess;
+pub mod report;
 pub mod split;
 pub mod train;
 
@@ -69,6 +70,7 @@ pub const KINDS: &[&str] = &[
     "preprocess_native",
     "train",
     "evaluate",
+    "report",
     "debug",
 ];
 
@@ -79,6 +81,7 @@ pub fn lookup(kind: &str) -> Option<&'static dyn Stage> {
         "preprocess_native" => Some(&preprocess::PreprocessNative),
         "train" => Some(&train::Train),
         "evaluate" => Some(&evaluate::Evaluate),
+        "report" => Some(&report::Report),
         "debug" => Some(&debug::Debug),
         _ => None,
     }

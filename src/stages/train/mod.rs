@@ -35,6 +35,7 @@ use crate::metrics::Confusion;
 use crate::model::checkpoint::{self, Preprocess as CkptPreprocess};
 use crate::model::{device, SegModel};
 use crate::predict::{argmax_u8, image_tensor, Mode, Predictor};
+pub use crate::report::EpochRow;
 
 pub struct Train;
 
@@ -61,21 +62,6 @@ impl Stage for Train {
         let ds = preprocess::load(ctx.input("preprocess")?)?;
         train(ctx.exp, &ds, ctx.out, ctx.progress)
     }
-}
-
-/// One row of `metrics.csv`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EpochRow {
-    pub epoch: usize,
-    pub step: usize,
-    pub train_loss: f64,
-    pub valid_loss: f64,
-    pub pixel_acc: f64,
-    pub miou: f64,
-    pub vessel_iou: f64,
-    pub vessel_dice: f64,
-    pub lr: f64,
-    pub seconds: f64,
 }
 
 /// What survives a kill: the completed periods and the best values so far.
@@ -258,6 +244,7 @@ fn train(
         let (tx, rx) = sync_channel::<Result<Batch>>(2);
         let mut loss_sum = 0.0;
         let mut seen = 0usize;
+        let mut train_conf = Confusion::default();
         let mut lr = t.lr;
         std::thread::scope(|scope| -> Result<()> {
             let plan = &plan;
@@ -286,6 +273,7 @@ fn train(
                     bail!("the loss became {lv} at step {step}; lower train.lr?");
                 }
                 opt.backward_step(&loss)?;
+                train_conf.add(&argmax_u8(&logits)?, &b.y, None);
                 loss_sum += lv * b.n as f64;
                 seen += b.n;
                 bar.set_suffix(format!("loss {:.4}", loss_sum / seen as f64));
@@ -321,6 +309,8 @@ fn train(
             vessel_dice: conf.dice(),
             lr,
             seconds: t0.elapsed().as_secs_f64(),
+            train_pixel_acc: Some(train_conf.accuracy()),
+            train_miou: Some(train_conf.miou()),
         };
         progress.log(&format!(
             "epoch {}/{periods}: train loss {:.4}, valid loss {:.4}, acc {:.4}, mIoU {:.4}, vessel Dice {:.4} ({:.1} s)",
