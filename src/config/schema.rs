@@ -459,7 +459,7 @@ impl Experiment {
             );
         }
         let t = &self.train;
-        if t.imgsz < 64 || t.imgsz % 8 != 0 {
+        if t.imgsz < 64 || !t.imgsz.is_multiple_of(8) {
             bad(
                 "train.imgsz",
                 format!("{} must be a multiple of 8 and at least 64", t.imgsz),
@@ -528,7 +528,7 @@ impl Experiment {
                 format!("{:?}: expected cpu, cuda, cuda:N or auto", t.device),
             );
         }
-        if t.crop != 0 && (t.crop < 32 || t.crop % 8 != 0) {
+        if t.crop != 0 && (t.crop < 32 || !t.crop.is_multiple_of(8)) {
             bad(
                 "train.crop",
                 format!("{} must be 0 (off) or a multiple of 8, at least 32", t.crop),
@@ -569,7 +569,7 @@ impl Experiment {
                 format!("{} must be in (0, 1)", e.threshold),
             );
         }
-        if e.tile != 0 && (e.tile < 64 || e.tile % 8 != 0) {
+        if e.tile != 0 && (e.tile < 64 || !e.tile.is_multiple_of(8)) {
             bad(
                 "evaluate.tile",
                 format!(

@@ -101,8 +101,7 @@ fn run(ctx: &StageCtx, size: Option<u32>) -> Result<()> {
     for (name, entries) in split.splits() {
         all.extend(entries.iter().map(|e| (name, e)));
     }
-    let mut bar = ctx.progress.bar(all.len() as u64, "decode");
-    let bar_lock = std::sync::Mutex::new(&mut bar);
+    let bar = std::sync::Mutex::new(ctx.progress.bar(all.len() as u64, "decode"));
     let prepared: Vec<(&str, Prepared)> = all
         .par_iter()
         .map(|(name, e)| {
@@ -119,14 +118,15 @@ fn run(ctx: &StageCtx, size: Option<u32>) -> Result<()> {
                     orig: None,
                 },
             };
-            if let Ok(mut b) = bar_lock.lock() {
+            if let Ok(mut b) = bar.lock() {
                 b.inc(1);
             }
             Ok((*name, p))
         })
         .collect::<Result<_>>()?;
-    drop(bar_lock);
-    bar.finish();
+    if let Ok(b) = bar.into_inner() {
+        b.finish();
+    }
     for (name, p) in &prepared {
         if *name != "test" && p.work.label.is_none() {
             bail!("{name} image {} has no annotation", p.id);
