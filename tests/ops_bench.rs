@@ -1,0 +1,61 @@
+//! Timing of the custom conv2d against Candle's conv2d (run on demand, prints medians):
+//! `cargo test --test ops_bench -- --ignored --nocapture`; `tools/bench_ops.py` times PyTorch on
+//! the same shapes. Not a pass/fail test: it only checks that both convolutions agree.
+
+use candle_core::{Device, Tensor, Var};
+use driveline::model::ops;
+use std::time::Instant;
+
+/// Median wall time in ms of `f` over 5 runs after one warm-up.
+fn median_ms(mut f: impl FnMut()) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..5)
+        .map(|_| {
+            let s = Instant::now();
+            f();
+            s.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[2]
+}
+
+fn bench(name: &str, x: (usize, usize, usize, usize), o: usize, k: usize, s: usize, p: usize) {
+    let dev = Device::Cpu;
+    let xv = Var::randn(0f32, 1.0, x, &dev).unwrap();
+    let wv = Var::randn(0f32, 0.05, (o, x.1, k, k), &dev).unwrap();
+    let ours = |x: &Tensor, w: &Tensor| ops::conv2d(x, w, None, s, p, 1).unwrap();
+    let candle = |x: &Tensor, w: &Tensor| x.conv2d(w, p, s, 1, 1).unwrap();
+    let y = ours(&xv, &wv);
+    let diff = (&y - candle(&xv, &wv))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-3);
+    let gy = Tensor::randn(0f32, 1.0, y.dims(), &dev).unwrap();
+    type Conv<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Tensor;
+    let impls: [(&str, Conv); 2] = [("ours", &ours), ("candle", &candle)];
+    for (label, f) in impls {
+        let fwd = median_ms(|| {
+            f(&xv, &wv);
+        });
+        let total = median_ms(|| {
+            let y = f(&xv, &wv);
+            (y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        });
+        println!(
+            "{name} {label:>6}: forward {fwd:7.1} ms  backward {:7.1} ms",
+            total - fwd
+        );
+    }
+}
+
+#[test]
+#[ignore = "timing, run on demand"]
+fn bench_conv2d() {
+    bench("3x3 256->256 64x64 n2", (2, 256, 64, 64), 256, 3, 1, 1);
+    bench("1x1 256->1024 64x64 n2", (2, 256, 64, 64), 1024, 1, 1, 0);
+    bench("7x7/2 3->64 256px n2", (2, 3, 256, 256), 64, 7, 2, 3);
+}
