@@ -37,8 +37,27 @@ def bench(name, x_shape, o, k, s, p):
     print(f"{name} {'torch':>6}: forward {f:7.1f} ms  backward {t - f:7.1f} ms")
 
 
+def bench_bn(shape):
+    x = torch.randn(*shape, requires_grad=True)
+    bn = torch.nn.BatchNorm2d(shape[1]).train()
+    gy = torch.randn(*shape)
+
+    def fwd():
+        with torch.no_grad():
+            bn(x)
+
+    def both():
+        x.grad = None
+        bn(x).backward(gy)
+
+    f = median_ms(fwd)
+    t = median_ms(both)
+    print(f"batchnorm train {tuple(shape)}  torch: forward {f:7.1f} ms  backward {t - f:7.1f} ms")
+
+
 if __name__ == "__main__":
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     bench("3x3 256->256 64x64 n2", (2, 256, 64, 64), 256, 3, 1, 1)
     bench("1x1 256->1024 64x64 n2", (2, 256, 64, 64), 1024, 1, 1, 0)
     bench("7x7/2 3->64 256px n2", (2, 3, 256, 256), 64, 7, 2, 3)
+    bench_bn((2, 256, 64, 64))
