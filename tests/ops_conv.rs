@@ -23,7 +23,6 @@ fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     d / s.max(1e-6)
 }
 
-// (n, c, h, w, o, k, stride, padding, dilation)
 /// (n, c, h, w, o, k, stride, padding, dilation)
 type Case = (
     usize,

@@ -27,6 +27,8 @@ pub(crate) struct ConvGeom {
     dilation: usize,
     ho: usize,
     wo: usize,
+    /// Most elements of an im2col buffer ([`COL_BUDGET`]; smaller in tests to exercise bands).
+    col_budget: usize,
 }
 
 impl ConvGeom {
@@ -67,6 +69,7 @@ impl ConvGeom {
             dilation,
             ho: (h + 2 * padding - eh) / stride + 1,
             wo: (wd + 2 * padding - ew) / stride + 1,
+            col_budget: COL_BUDGET,
         })
     }
 
@@ -116,11 +119,38 @@ fn valid_range(
     (lo.min(hi), hi)
 }
 
-/// Fills `col` [k, p] with the receptive fields of one image `x` [C, H, W] (zeros for padding).
-fn im2col<T: WithDType>(g: &ConvGeom, x: &[T], col: &mut [T]) {
-    let (p, khw) = (g.p(), g.kh * g.kw);
+/// Most elements an im2col buffer may hold (32 MiB of f32): larger images are processed in bands
+/// of output rows, so that e.g. a 64-channel 3×3 convolution at 584×565 does not allocate a
+/// 760 MB buffer.
+const COL_BUDGET: usize = 1 << 23;
+
+impl ConvGeom {
+    /// Bands `[oh0, oh1)` of output rows whose im2col matrix fits the budget (at least one row).
+    fn bands(&self) -> impl Iterator<Item = (usize, usize)> {
+        let rows = (self.col_budget / (self.k() * self.wo).max(1)).clamp(1, self.ho);
+        let ho = self.ho;
+        (0..ho).step_by(rows).map(move |r| (r, (r + rows).min(ho)))
+    }
+
+    /// Size of the im2col buffer for the largest band.
+    fn col_len(&self) -> usize {
+        if self.pointwise() {
+            return 0;
+        }
+        self.bands()
+            .map(|(a, b)| (b - a) * self.wo * self.k())
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Fills `col` [k, (oh1-oh0)·Wo] with the receptive fields of output rows `[oh0, oh1)` of one
+/// image `x` [C, H, W] (zeros for padding).
+fn im2col<T: WithDType>(g: &ConvGeom, x: &[T], (oh0, oh1): (usize, usize), col: &mut [T]) {
+    let (bp, khw) = ((oh1 - oh0) * g.wo, g.kh * g.kw);
     let zero = T::from_f64(0.0);
-    col.par_chunks_mut(p)
+    col[..g.k() * bp]
+        .par_chunks_mut(bp)
         .with_min_len(8)
         .enumerate()
         .for_each(|(r, row)| {
@@ -128,7 +158,7 @@ fn im2col<T: WithDType>(g: &ConvGeom, x: &[T], col: &mut [T]) {
             let (oh_lo, oh_hi) = valid_range(g.ho, g.h, ki * g.dilation, g.stride, g.padding);
             let (ow_lo, ow_hi) = valid_range(g.wo, g.w, kj * g.dilation, g.stride, g.padding);
             let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-            for (oh, dst) in row.chunks_exact_mut(g.wo).enumerate() {
+            for (oh, dst) in (oh0..oh1).zip(row.chunks_exact_mut(g.wo)) {
                 if oh < oh_lo || oh >= oh_hi || ow_lo >= ow_hi {
                     dst.fill(zero);
                     continue;
@@ -152,27 +182,28 @@ fn im2col<T: WithDType>(g: &ConvGeom, x: &[T], col: &mut [T]) {
         });
 }
 
-/// Adjoint of [`im2col`]: `gx` [C, H, W] = scatter-add of `dcol` [k, p]. Parallel over channels
-/// (each channel owns its rows of `dcol`, so no two tasks write the same element).
-fn col2im<T: WithDType>(g: &ConvGeom, dcol: &[T], gx: &mut [T]) {
-    let (p, khw) = (g.p(), g.kh * g.kw);
+/// Adjoint of [`im2col`]: adds the band `dcol` [k, (oh1-oh0)·Wo] into `gx` [C, H, W]. Parallel
+/// over channels (each channel owns its rows of `dcol`, so no two tasks write the same element).
+fn col2im_add<T: WithDType>(g: &ConvGeom, dcol: &[T], (oh0, oh1): (usize, usize), gx: &mut [T]) {
+    let (bp, khw) = ((oh1 - oh0) * g.wo, g.kh * g.kw);
     gx.par_chunks_mut(g.h * g.w)
         .enumerate()
         .for_each(|(c, plane)| {
-            plane.fill(T::from_f64(0.0));
             for ki in 0..g.kh {
                 let (oh_lo, oh_hi) = valid_range(g.ho, g.h, ki * g.dilation, g.stride, g.padding);
+                let (oh_lo, oh_hi) = (oh_lo.max(oh0), oh_hi.min(oh1));
                 for kj in 0..g.kw {
                     let (ow_lo, ow_hi) =
                         valid_range(g.wo, g.w, kj * g.dilation, g.stride, g.padding);
                     if ow_lo >= ow_hi {
                         continue;
                     }
-                    let row = &dcol[(c * khw + ki * g.kw + kj) * p..][..p];
+                    let row = &dcol[(c * khw + ki * g.kw + kj) * bp..][..bp];
                     for oh in oh_lo..oh_hi {
                         let ih = oh * g.stride + ki * g.dilation - g.padding;
                         let iw0 = ow_lo * g.stride + kj * g.dilation - g.padding;
-                        let src = &row[oh * g.wo + ow_lo..oh * g.wo + ow_hi];
+                        let r0 = (oh - oh0) * g.wo;
+                        let src = &row[r0 + ow_lo..r0 + ow_hi];
                         let dst = &mut plane[ih * g.w + iw0..(ih + 1) * g.w];
                         if g.stride == 1 {
                             for (d, s) in dst.iter_mut().zip(src) {
@@ -189,24 +220,39 @@ fn col2im<T: WithDType>(g: &ConvGeom, dcol: &[T], gx: &mut [T]) {
         });
 }
 
+/// Columns `[oh0·Wo, oh1·Wo)` of the row-major [rows, p] matrix `m` (a band of output rows).
+fn band<T>(m: &[T], rows: usize, p: usize, wo: usize, (oh0, oh1): (usize, usize)) -> MatRef<'_, T> {
+    MatRef {
+        data: &m[oh0 * wo..],
+        rows,
+        cols: (oh1 - oh0) * wo,
+        rs: p,
+        cs: 1,
+    }
+}
+
 /// `y` [N, O, Ho, Wo] from `x` [N, C, H, W] and `w` [O, C, kh, kw].
 fn forward<T: WithDType>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
     let (k, p) = (g.k(), g.p());
     let mut y = vec![T::from_f64(0.0); g.n * g.o * p];
-    let mut col = if g.pointwise() {
-        Vec::new()
-    } else {
-        vec![T::from_f64(0.0); k * p]
-    };
+    let mut col = vec![T::from_f64(0.0); g.col_len()];
     let wm = MatRef::row_major(w, g.o, k);
     for (xi, yi) in x.chunks_exact(g.img()).zip(y.chunks_exact_mut(g.o * p)) {
-        let cols = if g.pointwise() {
-            xi
-        } else {
-            im2col(g, xi, &mut col);
-            &col
-        };
-        matmul(yi, wm, MatRef::row_major(cols, k, p), false);
+        if g.pointwise() {
+            matmul(yi, p, wm, MatRef::row_major(xi, k, p), false);
+            continue;
+        }
+        for b in g.bands() {
+            let bp = (b.1 - b.0) * g.wo;
+            im2col(g, xi, b, &mut col);
+            matmul(
+                &mut yi[b.0 * g.wo..],
+                p,
+                wm,
+                MatRef::row_major(&col, k, bp),
+                false,
+            );
+        }
     }
     y
 }
@@ -215,24 +261,22 @@ fn forward<T: WithDType>(g: &ConvGeom, x: &[T], w: &[T]) -> Vec<T> {
 fn grad_weight<T: WithDType>(g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
     let (k, p) = (g.k(), g.p());
     let mut gw = vec![T::from_f64(0.0); g.o * k];
-    let mut col = if g.pointwise() {
-        Vec::new()
-    } else {
-        vec![T::from_f64(0.0); k * p]
-    };
-    for (i, (xi, gyi)) in x
-        .chunks_exact(g.img())
-        .zip(gy.chunks_exact(g.o * p))
-        .enumerate()
-    {
-        let cols = if g.pointwise() {
-            xi
-        } else {
-            im2col(g, xi, &mut col);
-            &col
-        };
-        let gym = MatRef::row_major(gyi, g.o, p);
-        matmul(&mut gw, gym, MatRef::row_major(cols, k, p).t(), i > 0);
+    let mut col = vec![T::from_f64(0.0); g.col_len()];
+    let mut first = true;
+    for (xi, gyi) in x.chunks_exact(g.img()).zip(gy.chunks_exact(g.o * p)) {
+        if g.pointwise() {
+            let xm = MatRef::row_major(xi, k, p).t();
+            matmul(&mut gw, k, MatRef::row_major(gyi, g.o, p), xm, !first);
+            first = false;
+            continue;
+        }
+        for b in g.bands() {
+            let bp = (b.1 - b.0) * g.wo;
+            im2col(g, xi, b, &mut col);
+            let cm = MatRef::row_major(&col, k, bp).t();
+            matmul(&mut gw, k, band(gyi, g.o, p, g.wo, b), cm, !first);
+            first = false;
+        }
     }
     gw
 }
@@ -241,19 +285,17 @@ fn grad_weight<T: WithDType>(g: &ConvGeom, x: &[T], gy: &[T]) -> Vec<T> {
 fn grad_input<T: WithDType>(g: &ConvGeom, gy: &[T], w: &[T]) -> Vec<T> {
     let (k, p) = (g.k(), g.p());
     let mut gx = vec![T::from_f64(0.0); g.n * g.img()];
-    let mut dcol = if g.pointwise() {
-        Vec::new()
-    } else {
-        vec![T::from_f64(0.0); k * p]
-    };
+    let mut dcol = vec![T::from_f64(0.0); g.col_len()];
     let wt = MatRef::row_major(w, g.o, k).t();
     for (gyi, gxi) in gy.chunks_exact(g.o * p).zip(gx.chunks_exact_mut(g.img())) {
-        let gym = MatRef::row_major(gyi, g.o, p);
         if g.pointwise() {
-            matmul(gxi, wt, gym, false);
-        } else {
-            matmul(&mut dcol, wt, gym, false);
-            col2im(g, &dcol, gxi);
+            matmul(gxi, p, wt, MatRef::row_major(gyi, g.o, p), false);
+            continue;
+        }
+        for b in g.bands() {
+            let bp = (b.1 - b.0) * g.wo;
+            matmul(&mut dcol, bp, wt, band(gyi, g.o, p, g.wo, b), false);
+            col2im_add(g, &dcol, b, gxi);
         }
     }
     gx
@@ -457,4 +499,49 @@ pub(crate) fn conv2d_cpu(
 /// Whether [`conv2d_cpu`] handles tensors of this device and dtype.
 pub(crate) fn supported(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Processing in bands of output rows gives the same results as one band.
+    #[test]
+    fn bands_match_single_pass() {
+        let geoms = [(1, 2, 3, 1), (2, 1, 1, 1), (1, 2, 2, 2), (1, 1, 3, 3)];
+        for (stride, padding, dilation, kernel) in geoms {
+            let xs = Shape::from((2, 3, 11, 9));
+            let ws = Shape::from((4, 3, kernel, kernel));
+            let g = ConvGeom::new(&xs, &ws, stride, padding, dilation).unwrap();
+            // Budget of ~1.5 output rows: bands of one row, plus uneven ends.
+            let small = ConvGeom {
+                col_budget: g.k() * g.wo * 3 / 2,
+                ..g
+            };
+            assert!(small.bands().count() == g.ho && g.bands().count() == 1 || g.pointwise());
+            let x: Vec<f64> = (0..xs.elem_count())
+                .map(|i| ((i * 37) % 23) as f64 - 11.0)
+                .collect();
+            let w: Vec<f64> = (0..ws.elem_count())
+                .map(|i| ((i * 13) % 7) as f64 - 3.0)
+                .collect();
+            let gy: Vec<f64> = (0..g.n * g.o * g.p())
+                .map(|i| ((i * 5) % 11) as f64)
+                .collect();
+            assert_eq!(forward(&g, &x, &w), forward(&small, &x, &w));
+            assert_eq!(grad_weight(&g, &x, &gy), grad_weight(&small, &x, &gy));
+            assert_eq!(grad_input(&g, &gy, &w), grad_input(&small, &gy, &w));
+        }
+    }
+
+    #[test]
+    fn valid_range_bounds() {
+        // Output i reads input i*stride + off - pad.
+        assert_eq!(valid_range(5, 5, 0, 1, 1), (1, 5));
+        assert_eq!(valid_range(5, 5, 2, 1, 1), (0, 4));
+        // Padding larger than the image: no output reads inside it (an empty range).
+        let (lo, hi) = valid_range(3, 2, 0, 1, 12);
+        assert!(lo >= hi);
+        assert_eq!(valid_range(4, 7, 0, 2, 1), (1, 4));
+    }
 }

@@ -45,20 +45,23 @@ impl<'a, T> MatRef<'a, T> {
     }
 }
 
-/// `dst = a · b` (or `dst += a · b` when `accumulate`), `dst` row-major `a.rows` × `b.cols`.
+/// `dst = a · b` (or `dst += a · b` when `accumulate`), `dst` an `a.rows` × `b.cols` matrix with
+/// unit column stride and row stride `dst_rs`.
 ///
 /// Panics if the shapes disagree or a view reaches outside its slice (internal invariants, not
 /// user input). Runs on Candle's thread count through rayon.
 pub(crate) fn matmul<T: WithDType>(
     dst: &mut [T],
+    dst_rs: usize,
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
     accumulate: bool,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm inner dimensions");
+    let dst_len = if m == 0 { 0 } else { (m - 1) * dst_rs + n };
     assert!(
-        dst.len() >= m * n && a.in_bounds() && b.in_bounds(),
+        dst_rs >= n && dst.len() >= dst_len && a.in_bounds() && b.in_bounds(),
         "gemm view out of bounds"
     );
     if m == 0 || n == 0 {
@@ -66,7 +69,9 @@ pub(crate) fn matmul<T: WithDType>(
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(T::from_f64(0.0));
+            for row in dst.chunks_mut(dst_rs).take(m) {
+                row[..n].fill(T::from_f64(0.0));
+            }
         }
         return;
     }
@@ -85,7 +90,7 @@ pub(crate) fn matmul<T: WithDType>(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             a.data.as_ptr(),
             a.cs as isize,
