@@ -4,6 +4,7 @@
 //! `pipeline` (stage graph, keys, cache, runner) → `stages` (split, preprocess,
 //! train, evaluate, report) → `model` / `data`.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod metrics;

@@ -74,6 +74,14 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Time training steps, inference or data loading on this machine.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+        /// Print one JSON object per benchmark.
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Print an experiment's stage graph.
     Dag {
         experiment: Option<PathBuf>,
@@ -83,6 +91,56 @@ enum Cmd {
         #[arg(long)]
         dot: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Training steps (forward, loss, backward, Adam) on random data.
+    TrainStep {
+        #[arg(long, default_value = "deeplabv3", value_parser = parse_arch)]
+        arch: config::Arch,
+        #[arg(long, default_value = "resnet50", value_parser = parse_backbone)]
+        backbone: config::Backbone,
+        #[arg(long, default_value_t = 256)]
+        imgsz: usize,
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+    },
+    /// Whole-image inference of one image (565×584 random, or --image) at --imgsz.
+    Infer {
+        #[arg(long, default_value = "deeplabv3", value_parser = parse_arch)]
+        arch: config::Arch,
+        #[arg(long, default_value = "resnet50", value_parser = parse_backbone)]
+        backbone: config::Backbone,
+        #[arg(long, default_value_t = 768)]
+        imgsz: u32,
+        #[arg(long)]
+        image: Option<PathBuf>,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
+    /// One epoch of batch building (augmentation, normalisation) for an experiment's data.
+    Data {
+        experiment: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+}
+
+fn parse_arch(s: &str) -> Result<config::Arch, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("unknown arch {s:?} (deeplabv3, unet)"))
+}
+
+fn parse_backbone(s: &str) -> Result<config::Backbone, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("unknown backbone {s:?} (resnet18, resnet34, resnet50, resnet101)"))
 }
 
 fn main() -> ExitCode {
@@ -221,6 +279,63 @@ fn real_main(cli: Cli) -> Result<()> {
                     if ran { "written" } else { "up to date" },
                     dest.join("index.html").display()
                 );
+            }
+            Ok(())
+        }
+        Cmd::Bench { what, json } => {
+            let r = match what {
+                BenchCmd::TrainStep {
+                    arch,
+                    backbone,
+                    imgsz,
+                    batch,
+                    steps,
+                    warmup,
+                } => driveline::bench::train_step(
+                    arch,
+                    backbone,
+                    imgsz,
+                    batch,
+                    steps.max(1),
+                    warmup,
+                )?,
+                BenchCmd::Infer {
+                    arch,
+                    backbone,
+                    imgsz,
+                    image,
+                    steps,
+                } => {
+                    driveline::bench::infer(arch, backbone, imgsz, image.as_deref(), steps.max(1))?
+                }
+                BenchCmd::Data {
+                    experiment,
+                    sets,
+                    reps,
+                } => {
+                    let files = vec![experiment];
+                    let exps = load_all(&files, &sets)?;
+                    let env = Env::new(&project_root(&files), cli.cache_dir.as_deref())?;
+                    let l = &exps[0];
+                    let opts = RunOptions {
+                        until: Some("preprocess".into()),
+                        quiet: true,
+                        ..RunOptions::default()
+                    };
+                    let rep = runner::run(&env, l, &opts, &mut BTreeSet::new())?;
+                    let pre = rep
+                        .stages
+                        .iter()
+                        .find(|s| s.role == "preprocess")
+                        .context("the pipeline has no preprocess stage")?;
+                    let ds = driveline::stages::preprocess::load(&env.cache.object_dir(&pre.key))?;
+                    driveline::bench::data_epoch(&l.exp, &ds, reps.max(1))?
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", r.human());
             }
             Ok(())
         }

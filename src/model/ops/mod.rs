@@ -11,7 +11,21 @@ mod resize;
 
 pub use batchnorm::BatchNorm2d;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use candle_core::{Result, Tensor};
+
+/// Multiply-add FLOPs (2 per MAC) of every forward convolution since the last reset: the
+/// benchmarks' FLOP count.
+static CONV_FLOPS: AtomicU64 = AtomicU64::new(0);
+
+pub fn reset_conv_flops() {
+    CONV_FLOPS.store(0, Ordering::Relaxed);
+}
+
+pub fn conv_flops() -> u64 {
+    CONV_FLOPS.load(Ordering::Relaxed)
+}
 
 /// 2-D convolution, PyTorch semantics: `x` [N, C, H, W], `w` [O, C, kh, kw], optional bias [O];
 /// symmetric `padding`, `stride`, `dilation`; groups = 1.
@@ -27,6 +41,14 @@ pub fn conv2d(
     padding: usize,
     dilation: usize,
 ) -> Result<Tensor> {
+    if let (Ok((n, c, _, _)), Ok((o, _, kh, kw))) = (x.dims4(), w.dims4()) {
+        let y_hw = |len: usize, k: usize| {
+            (len + 2 * padding).saturating_sub(dilation * (k - 1) + 1) / stride + 1
+        };
+        let (h, wd) = (x.dim(2)?, x.dim(3)?);
+        let macs = n * o * c * kh * kw * y_hw(h, kh) * y_hw(wd, kw);
+        CONV_FLOPS.fetch_add(2 * macs as u64, Ordering::Relaxed);
+    }
     let y = if conv::supported(x) {
         conv::conv2d_cpu(x, w, stride, padding, dilation)?
     } else {

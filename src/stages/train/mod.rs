@@ -101,7 +101,7 @@ pub fn mix(words: &[u64]) -> u64 {
 }
 
 /// A batch ready for the model.
-struct Batch {
+pub struct Batch {
     x: Vec<f32>,
     y: Vec<u8>,
     n: usize,
@@ -251,7 +251,7 @@ fn train(
             let augmenter = &augmenter;
             scope.spawn(move || {
                 for (s, idx) in plan.iter().enumerate() {
-                    let b = make_batch(exp, &ds.train, idx, augmenter, (first_step + s) as u64);
+                    let b = build_batch(exp, &ds.train, idx, augmenter, (first_step + s) as u64);
                     if tx.send(b).is_err() {
                         return;
                     }
@@ -370,7 +370,7 @@ fn load_tensors(path: &Path, device: &Device) -> Result<std::collections::HashMa
 
 /// Build one batch: crop (native training), augment, normalise. Deterministic in
 /// (seed, step, position in batch).
-fn make_batch(
+pub fn build_batch(
     exp: &Experiment,
     train: &[Prepared],
     idx: &[usize],
