@@ -1,15 +1,41 @@
 //! Timing of the custom conv2d against Candle's conv2d (run on demand, prints medians):
-//! `cargo test --test ops_bench -- --ignored --nocapture`; `tools/bench_ops.py` times PyTorch on
-//! the same shapes. Not a pass/fail test: it only checks that both convolutions agree.
+//! `cargo test --release --test ops_bench -- --ignored --nocapture`; `tools/bench_ops.py` times
+//! PyTorch on the same shapes. Not a pass/fail test: it only checks that both convolutions agree.
+//!
+//! On a shared machine wall times swing with the load; `BENCH_CPU=1` reports the process CPU time
+//! per run instead (mean), which with `RAYON_NUM_THREADS=1` (and `BENCH_THREADS=1` for the Python
+//! script) compares the kernels' work independently of what else runs.
 
 use candle_core::{Device, Tensor, Var};
 use driveline::model::ops;
 use std::time::Instant;
 
-/// Median wall time in ms of `f` over `runs` runs (after one warm-up unless `runs` is 1).
+/// CPU time (user + system, all threads) of this process in ms, from /proc/self/stat.
+fn process_cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 3, utime 14 and stime 15, in 1/100 s.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks * 10.0
+}
+
+/// Median wall time in ms of `f` over `runs` runs (after one warm-up unless `runs` is 1), or with
+/// `BENCH_CPU=1` the mean process CPU time per run.
 fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
     if runs > 1 {
         f();
+    }
+    if std::env::var("BENCH_CPU").is_ok_and(|v| v == "1") {
+        let c0 = process_cpu_ms();
+        for _ in 0..runs {
+            f();
+        }
+        return (process_cpu_ms() - c0) / runs as f64;
     }
     let mut t: Vec<f64> = (0..runs)
         .map(|_| {
