@@ -1,25 +1,76 @@
 //! Timing of the custom conv2d against Candle's conv2d (run on demand, prints medians):
-//! `cargo test --test ops_bench -- --ignored --nocapture`; `tools/bench_ops.py` times PyTorch on
-//! the same shapes. Not a pass/fail test: it only checks that both convolutions agree.
+//! `cargo test --release --test ops_bench -- --ignored --nocapture`; `tools/bench_ops.py` times
+//! PyTorch on the same shapes. Not a pass/fail test: it only checks that both convolutions agree.
+//!
+//! On a shared machine wall times swing with the load; `BENCH_CPU=1` reports the process CPU time
+//! per run instead (mean), which with `RAYON_NUM_THREADS=1` (and `BENCH_THREADS=1` for the Python
+//! script) compares the kernels' work independently of what else runs.
 
 use candle_core::{Device, Tensor, Var};
 use driveline::model::ops;
 use std::time::Instant;
 
-/// Median wall time in ms of `f` over `runs` runs (after one warm-up unless `runs` is 1).
-fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
+/// CPU time (user + system, all threads) of this process in ms, from /proc/self/stat.
+fn process_cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 3, utime 14 and stime 15, in 1/100 s.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks * 10.0
+}
+
+/// Current time in ms: wall clock, or with `BENCH_CPU=1` the process CPU time.
+fn now_ms() -> f64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    if std::env::var("BENCH_CPU").is_ok_and(|v| v == "1") {
+        process_cpu_ms()
+    } else {
+        START.get_or_init(Instant::now).elapsed().as_secs_f64() * 1e3
+    }
+}
+
+/// Runs `f` (which returns the ms it measured) `runs` times after one warm-up (unless `runs` is
+/// 1): the median, or with `BENCH_CPU=1` the mean (CPU time is counted in 10 ms ticks).
+fn sample(runs: usize, mut f: impl FnMut() -> f64) -> f64 {
     if runs > 1 {
         f();
     }
-    let mut t: Vec<f64> = (0..runs)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
+    let mut t: Vec<f64> = (0..runs).map(|_| f()).collect();
+    if std::env::var("BENCH_CPU").is_ok_and(|v| v == "1") {
+        return t.iter().sum::<f64>() / runs as f64;
+    }
     t.sort_by(f64::total_cmp);
     t[runs / 2]
+}
+
+/// Forward ms, and backward ms of `sum(f(x) * gy)` minus, in the same run, the backward of the
+/// same loss on a leaf of the output's shape (PyTorch's `y.backward(gy)` has no such cost).
+fn fwd_bwd_ms(runs: usize, gy: &Tensor, f: impl Fn() -> Tensor) -> (f64, f64) {
+    let y0 = Var::from_tensor(&f().detach()).unwrap();
+    let fwd = sample(runs, || {
+        let t0 = now_ms();
+        f();
+        now_ms() - t0
+    });
+    let bwd = sample(runs, || {
+        let y = f();
+        let t0 = now_ms();
+        (y * gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let t1 = now_ms();
+        (y0.as_tensor() * gy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (t1 - t0) - (now_ms() - t1)
+    });
+    (fwd, bwd)
 }
 
 fn bench(name: &str, x: (usize, usize, usize, usize), o: usize, k: usize, s: usize, p: usize) {
@@ -37,34 +88,13 @@ fn bench(name: &str, x: (usize, usize, usize, usize), o: usize, k: usize, s: usi
         .unwrap();
     assert!(diff.to_scalar::<f32>().unwrap() < 1e-3);
     let gy = Tensor::randn(0f32, 1.0, y.dims(), &dev).unwrap();
-    // The backward below is that of `sum(y * gy)`; time that loss alone to subtract it, since
-    // PyTorch's `y.backward(gy)` has no such cost.
-    let y0 = Var::from_tensor(&y).unwrap();
-    let loss_ms = median_ms(5, || {
-        (y0.as_tensor() * &gy)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-    });
     type Conv<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Tensor;
     let impls: [(&str, Conv); 2] = [("ours", &ours), ("candle", &candle)];
     for (label, f) in impls {
         // Candle's backward takes seconds: one timed run is enough to show the gap.
         let runs = if label == "ours" { 5 } else { 1 };
-        let fwd = median_ms(runs, || {
-            f(&xv, &wv);
-        });
-        let total = median_ms(runs, || {
-            let y = f(&xv, &wv);
-            (y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
-        });
-        println!(
-            "{name} {label:>6}: forward {fwd:7.1} ms  backward {:7.1} ms \
-             (loss overhead {loss_ms:.1} ms subtracted)",
-            total - fwd - loss_ms
-        );
+        let (fwd, bwd) = fwd_bwd_ms(runs, &gy, || f(&xv, &wv));
+        println!("{name} {label:>6}: forward {fwd:7.1} ms  backward {bwd:7.1} ms");
     }
 }
 
@@ -81,27 +111,8 @@ fn bench_batchnorm(x: (usize, usize, usize, usize)) {
     };
     let xv = Var::randn(0f32, 1.0, x, &dev).unwrap();
     let gy = Tensor::randn(0f32, 1.0, x, &dev).unwrap();
-    let y0 = Var::from_tensor(&gy).unwrap();
-    let loss_ms = median_ms(5, || {
-        (y0.as_tensor() * &gy)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-    });
-    let fwd = median_ms(5, || {
-        bn.forward(&xv, true).unwrap();
-    });
-    let total = median_ms(5, || {
-        let y = bn.forward(&xv, true).unwrap();
-        (y * &gy).unwrap().sum_all().unwrap().backward().unwrap();
-    });
-    println!(
-        "batchnorm train {x:?}   ours: forward {fwd:7.1} ms  backward {:7.1} ms \
-         (loss overhead {loss_ms:.1} ms subtracted)",
-        total - fwd - loss_ms
-    );
+    let (fwd, bwd) = fwd_bwd_ms(5, &gy, || bn.forward(&xv, true).unwrap());
+    println!("batchnorm train {x:?}   ours: forward {fwd:7.1} ms  backward {bwd:7.1} ms");
 }
 
 #[test]

@@ -123,3 +123,33 @@ fn conv2d_rejects_bad_shapes() {
     let w = Tensor::zeros((4, 3, 11, 11), candle_core::DType::F32, &dev).unwrap();
     assert!(ops::conv2d(&x, &w, None, 1, 1, 1).is_err());
 }
+
+#[test]
+fn ops_accept_non_contiguous_inputs() {
+    let dev = Device::Cpu;
+    // [N, H, W, C] permuted to NCHW: a strided view.
+    let x = Tensor::randn(0f32, 1.0, (2, 9, 8, 3), &dev)
+        .unwrap()
+        .permute((0, 3, 1, 2))
+        .unwrap();
+    assert!(!x.is_contiguous());
+    let xc = x.contiguous().unwrap();
+    let w = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap();
+    let pairs = [
+        (
+            ops::conv2d(&x, &w, None, 2, 1, 1).unwrap(),
+            ops::conv2d(&xc, &w, None, 2, 1, 1).unwrap(),
+        ),
+        (
+            ops::max_pool2d(&x, 3, 2, 1).unwrap(),
+            ops::max_pool2d(&xc, 3, 2, 1).unwrap(),
+        ),
+        (
+            ops::resize_bilinear(&x, 5, 13).unwrap(),
+            ops::resize_bilinear(&xc, 5, 13).unwrap(),
+        ),
+    ];
+    for (a, b) in pairs {
+        assert_eq!(max_rel_diff(&a, &b), 0.0);
+    }
+}

@@ -1,7 +1,10 @@
 """PyTorch timings for the shapes of tests/ops_bench.rs (median of 5 after a warm-up).
 
 Run: /tmp/tv/bin/python tools/bench_ops.py
+BENCH_CPU=1 reports the mean process CPU time per run instead of the wall-time median;
+BENCH_THREADS=n sets torch's thread count (see tests/ops_bench.rs).
 """
+import os
 import time
 
 import torch
@@ -10,6 +13,11 @@ import torch.nn.functional as F
 
 def median_ms(f):
     f()
+    if os.environ.get("BENCH_CPU") == "1":
+        c0 = time.process_time()
+        for _ in range(5):
+            f()
+        return (time.process_time() - c0) / 5 * 1e3
     ts = []
     for _ in range(5):
         s = time.perf_counter()
@@ -56,6 +64,8 @@ def bench_bn(shape):
 
 
 if __name__ == "__main__":
+    if "BENCH_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     bench("3x3 256->256 64x64 n2", (2, 256, 64, 64), 256, 3, 1, 1)
     bench("1x1 256->1024 64x64 n2", (2, 256, 64, 64), 1024, 1, 1, 0)

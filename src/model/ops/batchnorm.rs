@@ -17,8 +17,9 @@ use rayon::prelude::*;
 /// Training mode normalises with the batch statistics (biased variance) and updates the running
 /// stats in place: `running = (1 - momentum) * running + momentum * batch` with the *unbiased*
 /// batch variance. Eval mode normalises with the running stats.
-/// Parameter names follow torchvision: `weight`, `bias`, `running_mean`, `running_var`,
-/// `num_batches_tracked`.
+/// Parameter names follow torchvision: `weight`, `bias`, `running_mean`, `running_var`
+/// (torchvision's `num_batches_tracked` only matters for `momentum=None`, which is not supported:
+/// the momentum is always a fixed number).
 #[derive(Clone, Debug)]
 pub struct BatchNorm2d {
     pub weight: Var,

@@ -4,6 +4,7 @@
 //! All tensors are NCHW; the CPU kernels handle f32 and f64 (f64 for precise gradient checks).
 
 mod batchnorm;
+mod bias;
 mod conv;
 mod gemm;
 mod pool;
@@ -55,7 +56,7 @@ pub fn conv2d(
         x.conv2d(w, padding, stride, dilation, 1)?
     };
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        Some(b) => bias::add_channel_bias(&y, b),
         None => Ok(y),
     }
 }
@@ -105,7 +106,7 @@ pub fn conv_transpose2d(
         .permute(vec![0, 3, 1, 4, 2, 5])?
         .reshape((n, o, h * s, wd * s))?;
     match bias {
-        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        Some(b) => bias::add_channel_bias(&y, b),
         None => Ok(y),
     }
 }
