@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod data;
+pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
