@@ -25,7 +25,7 @@ pipeline = "deeplabv3"
 layout = "synthetic"
 valid_count = 2
 [data.synthetic]
-count = 6
+count = 4
 test_count = 2
 width = 64
 height = 64
