@@ -4,12 +4,12 @@
 //! Everything about the model comes from the checkpoint's metadata (architecture, backbone,
 //! normalisation, how it was trained), so no experiment file is needed. Images are predicted the
 //! way the checkpoint was trained: crop-trained models at native resolution (optionally in
-//! tiles), the others resized to the checkpoint's `imgsz` (or `--imgsz`) and the probabilities
-//! resized back. For every image, three PNGs at the image's original resolution go to the
-//! output folder: `<stem>_prob.png` (probability × 255), `<stem>_mask.png` (0/255 at the
-//! threshold) and `<stem>_overlay.png` (predicted vessels in green over the photograph). Each
-//! file is written to a temporary name and renamed, so an interrupted run leaves no partial
-//! PNG behind.
+//! tiles), the others resized to the checkpoint's `imgsz` and the probabilities resized back;
+//! `--imgsz N` resizes to N whatever the checkpoint. For every image, three PNGs at the image's
+//! original resolution go to `--out` (else [`default_out_dir`]): `<stem>_prob.png` (probability
+//! × 255), `<stem>_mask.png` (0/255 at the threshold) and `<stem>_overlay.png` (predicted
+//! vessels in green over the photograph). Each file is written to a temporary name and renamed,
+//! so an interrupted run leaves no partial PNG behind.
 //!
 //! Images are processed one after the other: the model already uses every core per image.
 
@@ -66,14 +66,26 @@ pub struct InferSummary {
     pub mode: Mode,
 }
 
-/// The default output folder: `runs/infer/<checkpoint file stem>/` under the working directory.
+/// The default output folder, under the working directory: `runs/infer/<experiment>/<stem>/`
+/// for a checkpoint in a pipeline's train folder (`runs/<experiment>/train/<stem>.safetensors`),
+/// else `runs/infer/<stem>/` (`<stem>`: the checkpoint's file stem).
 pub fn default_out_dir(model: &Path) -> PathBuf {
+    let name = |p: Option<&Path>| {
+        p.and_then(|p| p.file_name())
+            .map(|s| s.to_string_lossy().into_owned())
+            .filter(|s| !s.is_empty() && s != "." && s != "..")
+    };
     let stem = model
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "model".into());
-    Path::new("runs").join("infer").join(stem)
+    let base = Path::new("runs").join("infer");
+    let parent = model.parent();
+    match (name(parent), name(parent.and_then(Path::parent))) {
+        (Some(dir), Some(exp)) if dir == "train" => base.join(exp).join(stem),
+        _ => base.join(stem),
+    }
 }
 
 /// Whether `path` has one of the [`IMAGE_EXTENSIONS`] (case-insensitive).
@@ -243,6 +255,9 @@ pub fn run(opts: &InferOptions) -> Result<InferSummary> {
     let device = device::select(&opts.device)?;
     let (model, meta) = checkpoint::load(&opts.model, &device)?;
     let mode = mode(opts, &meta.preprocess);
+    if opts.tile != 0 && matches!(mode, Mode::Resize(_)) {
+        progress.log("--tile ignored: this checkpoint predicts resized images");
+    }
     let predictor = Predictor {
         model: &model,
         normalize: meta.preprocess.normalize,
@@ -345,6 +360,22 @@ mod tests {
             .to_string();
         assert!(e.contains("a.png") && e.contains("a.tif"), "{e}");
         assert_eq!(stems(&[PathBuf::from("01_test.tif")]).unwrap(), ["01_test"]);
+    }
+
+    #[test]
+    fn default_out_dir_names_the_experiment_of_a_run_checkpoint() {
+        assert_eq!(
+            default_out_dir(Path::new("runs/quick/train/best_model_iou.safetensors")),
+            Path::new("runs/infer/quick/best_model_iou")
+        );
+        assert_eq!(
+            default_out_dir(Path::new("/models/r50.safetensors")),
+            Path::new("runs/infer/r50")
+        );
+        assert_eq!(
+            default_out_dir(Path::new("r50.safetensors")),
+            Path::new("runs/infer/r50")
+        );
     }
 
     #[test]

@@ -86,7 +86,7 @@ enum Cmd {
         /// Resize images to this square side (default: as the checkpoint was trained).
         #[arg(long)]
         imgsz: Option<u32>,
-        /// Output folder (default: runs/infer/<checkpoint file stem>/).
+        /// Output folder (default: runs/infer/<experiment>/<stem>/ for runs/<experiment>/train/<stem>.safetensors, else runs/infer/<stem>/).
         #[arg(long)]
         out: Option<PathBuf>,
         /// cpu, cuda, cuda:N or auto.
