@@ -29,35 +29,59 @@ epochs = 1
 batch = 2
 "#;
 
-/// A scratch folder (`<target>/tmp/infer-test`, replaced on each run) holding the tiny model's
-/// best checkpoint, trained once per test binary through `driveline run`. Only the checkpoint
-/// is kept (the cache and the other checkpoints are ~250 MB). Returns (folder, checkpoint).
+/// A tiny crop-trained U-Net (native-resolution prediction): two steps on 64-px crops.
+const TINY_UNET: &str = r#"name = "tiny"
+pipeline = "native"
+[data]
+layout = "synthetic"
+valid_count = 2
+[data.synthetic]
+count = 4
+test_count = 2
+width = 96
+height = 96
+[model]
+arch = "unet"
+widths = [8, 16, 32]
+[train]
+crop = 64
+steps = 2
+valid_every_steps = 2
+batch = 2
+"#;
+
+/// Trains `experiment` (through `driveline run --until train`, pipeline `pipelines/<pipeline>`)
+/// in `<target>/tmp/<folder>` (replaced on each run) and keeps only its best checkpoint (the
+/// cache and the other checkpoints weigh ~250 MB). Returns (folder, checkpoint).
+fn train(folder: &str, pipeline: &str, experiment: &str) -> (PathBuf, PathBuf) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(folder);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::fs::create_dir_all(dir.join("pipelines")).unwrap();
+    std::fs::create_dir_all(dir.join("experiments")).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::copy(
+        root.join("pipelines").join(pipeline),
+        dir.join("pipelines").join(pipeline),
+    )
+    .unwrap();
+    std::fs::write(dir.join("experiments/tiny.toml"), experiment).unwrap();
+    let out = driveline(&dir, &["run", "--until", "train", "experiments/tiny.toml"]);
+    assert!(out.status.success(), "training failed:\n{}", stderr(&out));
+    let trained = dir.join("runs/tiny/train/best_model_iou.safetensors");
+    assert!(trained.is_file(), "no checkpoint at {}", trained.display());
+    let ckpt = dir.join("best_model_iou.safetensors");
+    std::fs::copy(&trained, &ckpt).unwrap();
+    std::fs::remove_dir_all(dir.join("runs")).unwrap();
+    std::fs::remove_dir_all(dir.join(".driveline")).unwrap();
+    (dir, ckpt)
+}
+
+/// The tiny DeepLabV3 (trained once per test binary).
 fn trained() -> &'static (PathBuf, PathBuf) {
     static TRAINED: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    TRAINED.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("infer-test");
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).unwrap();
-        }
-        std::fs::create_dir_all(dir.join("pipelines")).unwrap();
-        std::fs::create_dir_all(dir.join("experiments")).unwrap();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        std::fs::copy(
-            root.join("pipelines/deeplabv3.toml"),
-            dir.join("pipelines/deeplabv3.toml"),
-        )
-        .unwrap();
-        std::fs::write(dir.join("experiments/tiny.toml"), TINY).unwrap();
-        let out = driveline(&dir, &["run", "--until", "train", "experiments/tiny.toml"]);
-        assert!(out.status.success(), "training failed:\n{}", stderr(&out));
-        let trained = dir.join("runs/tiny/train/best_model_iou.safetensors");
-        assert!(trained.is_file(), "no checkpoint at {}", trained.display());
-        let ckpt = dir.join("best_model_iou.safetensors");
-        std::fs::copy(&trained, &ckpt).unwrap();
-        std::fs::remove_dir_all(dir.join("runs")).unwrap();
-        std::fs::remove_dir_all(dir.join(".driveline")).unwrap();
-        (dir, ckpt)
-    })
+    TRAINED.get_or_init(|| train("infer-test", "deeplabv3.toml", TINY))
 }
 
 fn driveline(cwd: &Path, args: &[&str]) -> Output {
@@ -336,4 +360,43 @@ fn infer_reports_missing_input_and_empty_folders() {
     let o = infer(&["--input", scratch.path().to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("no images found"), "{}", stderr(&o));
+}
+
+#[test]
+fn infer_native_checkpoint_in_tiles_with_tta() {
+    let (dir, ckpt) = train("infer-test-unet", "native.toml", TINY_UNET);
+    let input = tempfile::tempdir().unwrap();
+    // Wider than a tile and lower than one: tiles of 64×50, padded to the U-Net's stride.
+    fake_fundus(150, 50, 2)
+        .save(input.path().join("wide.png"))
+        .unwrap();
+    let out = dir.join("out");
+    let o = driveline(
+        &dir,
+        &[
+            "infer",
+            "--model",
+            ckpt.to_str().unwrap(),
+            "--input",
+            input.path().join("wide.png").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--tile",
+            "64",
+            "--overlap",
+            "16",
+            "--tta",
+        ],
+    );
+    assert!(o.status.success(), "infer failed:\n{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("native resolution, tiles 64 overlapping by 16 + flip TTA"),
+        "{}",
+        stderr(&o)
+    );
+    for k in ["prob", "mask", "overlay"] {
+        let img = image::open(out.join(format!("wide_{k}.png"))).unwrap();
+        assert_eq!((img.width(), img.height()), (150, 50), "{k}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
