@@ -252,6 +252,12 @@ pub fn run(opts: &InferOptions) -> Result<InferSummary> {
         progress.log(&format!("skipping {} (not an image file)", s.display()));
     }
 
+    if opts.input.is_file() {
+        // A file named explicitly must be an image: fail before loading the model or creating
+        // the output folder.
+        read_image(&opts.input)?;
+    }
+
     let device = device::select(&opts.device)?;
     let (model, meta) = checkpoint::load(&opts.model, &device)?;
     let mode = mode(opts, &meta.preprocess);
