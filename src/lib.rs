@@ -2,11 +2,13 @@
 //!
 //! Follow the DAG to find any behaviour: `config` (experiment schema) →
 //! `pipeline` (stage graph, keys, cache, runner) → `stages` (split, preprocess,
-//! train, evaluate, report) → `model` / `data`.
+//! train, evaluate, report) → `model` / `data`. `infer` segments new images with a trained
+//! checkpoint (`driveline infer`).
 
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod infer;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -82,6 +82,40 @@ enum Cmd {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// Segment images with a trained checkpoint: <stem>_prob.png, <stem>_mask.png and
+    /// <stem>_overlay.png per image, at the image's own resolution.
+    Infer {
+        /// Checkpoint written by the train stage, e.g. runs/quick/train/best_model_iou.safetensors.
+        #[arg(long)]
+        model: PathBuf,
+        /// An image, or a folder of images (tif, tiff, png, jpg, jpeg, gif, bmp).
+        #[arg(long)]
+        input: PathBuf,
+        /// Resize images to this square side (default: as the checkpoint was trained).
+        #[arg(long)]
+        imgsz: Option<u32>,
+        /// Output folder (default: runs/infer/<experiment>/<stem>/ for runs/<experiment>/train/<stem>.safetensors, else runs/infer/<stem>/).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Average with the horizontally flipped prediction.
+        #[arg(long)]
+        tta: bool,
+        /// Vessel probability threshold for the mask.
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f32,
+        /// Native-resolution models: predict in tiles of this side (0: whole image).
+        #[arg(long, default_value_t = 0)]
+        tile: u32,
+        /// Overlap between tiles.
+        #[arg(long, default_value_t = 64)]
+        overlap: u32,
+        /// No progress output.
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Print an experiment's stage graph.
     Dag {
         experiment: Option<PathBuf>,
@@ -337,6 +371,41 @@ fn real_main(cli: Cli) -> Result<()> {
             } else {
                 println!("{}", r.human());
             }
+            Ok(())
+        }
+        Cmd::Infer {
+            model,
+            input,
+            imgsz,
+            out,
+            device,
+            tta,
+            threshold,
+            tile,
+            overlap,
+            quiet,
+        } => {
+            let summary = driveline::infer::run(&driveline::infer::InferOptions {
+                model,
+                input,
+                out,
+                imgsz,
+                device,
+                tta,
+                threshold,
+                tile,
+                overlap,
+                quiet,
+            })?;
+            println!(
+                "{} image(s) → {}{}",
+                summary.images.len(),
+                summary.out.display(),
+                match summary.skipped.len() {
+                    0 => String::new(),
+                    n => format!(" ({n} non-image file(s) skipped)"),
+                }
+            );
             Ok(())
         }
         Cmd::Dag {

@@ -112,7 +112,8 @@ impl Predictor<'_> {
             for x0 in starts(w) {
                 let th = tile.min(h);
                 let tw = tile.min(w);
-                let crop = x.narrow(2, y0, th)?.narrow(3, x0, tw)?;
+                // Contiguous: the flip (TTA) and the reflection padding index-select it.
+                let crop = x.narrow(2, y0, th)?.narrow(3, x0, tw)?.contiguous()?;
                 let p = self
                     .probs_tensor(&crop)?
                     .flatten_all()?
