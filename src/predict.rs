@@ -355,6 +355,36 @@ mod tests {
     }
 
     #[test]
+    fn native_prediction_at_drive_size_matches_its_default_tiling() {
+        // DRIVE's 565×584 is no multiple of the stride: whole-image prediction pads by
+        // reflection and crops back; 256 px tiles with the default 64 px overlap agree.
+        let model = tiny_unet();
+        let img = noise_image(565, 584);
+        let pred = |mode| {
+            Predictor {
+                model: &model,
+                normalize: Normalize::PerImage,
+                mode,
+                tta: false,
+            }
+            .probs(&img)
+            .unwrap()
+        };
+        let whole = pred(Mode::Native {
+            tile: 0,
+            overlap: 0,
+        });
+        assert_eq!(whole.len(), 565 * 584);
+        assert!(whole.iter().all(|p| (0.0..=1.0).contains(p)));
+        let tiled = pred(Mode::Native {
+            tile: 256,
+            overlap: 64,
+        });
+        let d = max_diff(&whole, &tiled);
+        assert!(d < 1e-5, "tiled differs from whole by {d}");
+    }
+
+    #[test]
     fn tile_spans_partition_the_axis_on_the_stride_grid() {
         for (len, tile, overlap, stride) in [
             (565, 128, 32, 8),
