@@ -170,6 +170,11 @@ pub fn data_epoch(
 ) -> Result<BenchResult> {
     let aug = crate::data::Augmenter::new(&exp.augment);
     let n = ds.train.len();
+    let stats: Vec<crate::data::ChannelStats> = ds
+        .train
+        .iter()
+        .map(|p| crate::data::ChannelStats::for_image(exp.data.normalize, &p.work.image))
+        .collect();
     let mut times = Vec::new();
     for r in 0..reps + 1 {
         let t0 = Instant::now();
@@ -178,7 +183,14 @@ pub fn data_epoch(
             .chunks(exp.train.batch)
             .enumerate()
         {
-            crate::stages::train::build_batch(exp, &ds.train, chunk, &aug, (r * 1000 + s) as u64)?;
+            crate::stages::train::build_batch(
+                exp,
+                &ds.train,
+                &stats,
+                chunk,
+                &aug,
+                (r * 1000 + s) as u64,
+            )?;
         }
         if r > 0 {
             times.push(t0.elapsed().as_secs_f64());

@@ -56,15 +56,26 @@ impl Predictor<'_> {
         Ok(y.narrow(2, 0, h)?.narrow(3, 0, w)?)
     }
 
-    /// Vessel probability [H, W] for the normalised input tensor [1, 3, H, W], with TTA.
+    /// Vessel probability [1, 1, H, W] for the normalised input tensor [1, 3, H, W], with TTA.
+    ///
+    /// As in the reference, the input is padded to the stride *before* the flip, so that the
+    /// flipped pass sees the same pooling grid as the plain one (and tiles, whose starts are
+    /// multiples of the stride, see the same grid as the whole image).
     fn probs_tensor(&self, x: &Tensor) -> Result<Tensor> {
-        let p = vessel_prob(&self.logits_at(x)?)?;
-        if !self.tta {
-            return Ok(p);
+        let (_, _, h, w) = x.dims4()?;
+        let s = self.model.stride();
+        let (ph, pw) = (h.div_ceil(s) * s - h, w.div_ceil(s) * s - w);
+        let xp = if ph > 0 || pw > 0 {
+            reflect_pad(x, ph, pw)?
+        } else {
+            x.clone()
+        };
+        let mut p = vessel_prob(&self.model.forward(&xp, false)?)?;
+        if self.tta {
+            let pf = flip_w(&vessel_prob(&self.model.forward(&flip_w(&xp)?, false)?)?)?;
+            p = ((p + pf)? * 0.5)?;
         }
-        let flipped = flip_w(x)?;
-        let pf = flip_w(&vessel_prob(&self.logits_at(&flipped)?)?)?;
-        Ok(((p + pf)? * 0.5)?)
+        Ok(p.narrow(2, 0, h)?.narrow(3, 0, w)?)
     }
 
     /// Vessel probability of every pixel of `img`, at `img`'s own resolution (row-major).
@@ -91,46 +102,76 @@ impl Predictor<'_> {
         Ok(p.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
 
-    /// Predict in `tile`×`tile` windows overlapping by `overlap`, averaging where they overlap.
+    /// Predict in windows of about `tile`×`tile` overlapping by at least `overlap`; every
+    /// pixel takes its value from the one window that owns it, cut in the middle of each
+    /// overlap (the overlap-tile strategy: each window's outer `overlap / 2` band, where the
+    /// network saw zero padding instead of the neighbouring pixels, is discarded).
+    ///
+    /// Window starts are multiples of the model's stride, so every window sees the pooling
+    /// grid of the whole image; the last window along an axis is stretched (by less than the
+    /// stride) to end at the image's edge. Hence, in eval mode (BatchNorm on running
+    /// statistics: every output pixel depends only on its receptive field), the result equals
+    /// the untiled prediction wherever `overlap / 2` covers the network's context; only
+    /// smaller overlaps change pixels, within `context - overlap / 2` of the cuts.
     fn tiled(&self, x: &Tensor, tile: usize, overlap: usize) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let starts = |len: usize| -> Vec<usize> {
-            if len <= tile {
-                return vec![0];
-            }
-            let step = tile - overlap;
-            let mut v: Vec<usize> = (0..)
-                .map(|i| i * step)
-                .take_while(|s| s + tile < len)
-                .collect();
-            v.push(len - tile);
-            v
-        };
-        let mut acc = vec![0f32; h * w];
-        let mut cnt = vec![0f32; h * w];
-        for y0 in starts(h) {
-            for x0 in starts(w) {
-                let th = tile.min(h);
-                let tw = tile.min(w);
-                // Contiguous: the flip (TTA) and the reflection padding index-select it.
+        let s = self.model.stride();
+        let ys = tile_spans(h, tile, overlap, s);
+        let xs = tile_spans(w, tile, overlap, s);
+        let mut out = vec![0f32; h * w];
+        for &(y0, y1, oy0, oy1) in &ys {
+            for &(x0, x1, ox0, ox1) in &xs {
+                let (th, tw) = (y1 - y0, x1 - x0);
                 let crop = x.narrow(2, y0, th)?.narrow(3, x0, tw)?.contiguous()?;
                 let p = self
                     .probs_tensor(&crop)?
                     .flatten_all()?
                     .to_dtype(DType::F32)?
                     .to_vec1::<f32>()?;
-                for yy in 0..th {
-                    for xx in 0..tw {
-                        let i = (y0 + yy) * w + x0 + xx;
-                        acc[i] += p[yy * tw + xx];
-                        cnt[i] += 1.0;
-                    }
+                for yy in oy0..oy1 {
+                    let src = &p[(yy - y0) * tw + (ox0 - x0)..(yy - y0) * tw + (ox1 - x0)];
+                    out[yy * w + ox0..yy * w + ox1].copy_from_slice(src);
                 }
             }
         }
-        let v: Vec<f32> = acc.iter().zip(&cnt).map(|(a, c)| a / c.max(1.0)).collect();
-        Ok(Tensor::from_vec(v, (1, 1, h, w), x.device())?)
+        Ok(Tensor::from_vec(out, (1, 1, h, w), x.device())?)
     }
+}
+
+/// The windows of the tiled prediction along one axis of length `len`: `(start, end,
+/// own_start, own_end)`, where `[start, end)` is the window fed to the network and
+/// `[own_start, own_end)` the pixels it supplies (consecutive owned ranges partition
+/// `0..len`). Starts are multiples of `stride`, step `tile - overlap` rounded down to the
+/// stride; the last window ends at `len` and may exceed `tile` by less than `stride`.
+fn tile_spans(
+    len: usize,
+    tile: usize,
+    overlap: usize,
+    stride: usize,
+) -> Vec<(usize, usize, usize, usize)> {
+    if len <= tile {
+        return vec![(0, len, 0, len)];
+    }
+    let step = ((tile.saturating_sub(overlap)) / stride * stride).max(stride);
+    let last = (len - tile) / stride * stride;
+    let mut starts: Vec<usize> = (0..).map(|i| i * step).take_while(|&s| s < last).collect();
+    starts.push(last);
+    let ends: Vec<usize> = starts
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| if i + 1 == starts.len() { len } else { s + tile })
+        .collect();
+    // Cut each overlap [next start, this end) in its middle.
+    let cuts: Vec<usize> = (0..starts.len() - 1)
+        .map(|i| (starts[i + 1] + ends[i]) / 2)
+        .collect();
+    (0..starts.len())
+        .map(|i| {
+            let own0 = if i == 0 { 0 } else { cuts[i - 1] };
+            let own1 = if i + 1 == starts.len() { len } else { cuts[i] };
+            (starts[i], ends[i], own0, own1)
+        })
+        .collect()
 }
 
 /// Softmax probability of class 1 (vessel): [N, C, H, W] → [N, 1, H, W].
@@ -160,7 +201,8 @@ fn flip_w(x: &Tensor) -> Result<Tensor> {
 pub fn reflect_pad(x: &Tensor, ph: usize, pw: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     anyhow::ensure!(ph < h && pw < w, "image too small to pad by reflection");
-    let mut y = x.clone();
+    // index_select needs a contiguous input (tiles are narrowed views).
+    let mut y = x.contiguous()?;
     if ph > 0 {
         let idx: Vec<u32> = (0..h + ph)
             .map(|i| if i < h { i } else { 2 * (h - 1) - i } as u32)
@@ -237,5 +279,146 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_eq!(&f[..4], &[3.0, 2.0, 1.0, 0.0]);
+    }
+
+    /// A tiny U-Net (2 levels, stride 2) whose BatchNorm running statistics have moved off
+    /// their initial values, so that eval-mode prediction exercises them.
+    fn tiny_unet() -> SegModel {
+        use crate::config::schema::{Arch, ModelConfig};
+        let cfg = ModelConfig {
+            arch: Arch::Unet,
+            widths: vec![4, 8],
+            ..ModelConfig::default()
+        };
+        let model = SegModel::new(&cfg, &Device::Cpu, 3).unwrap();
+        let x = Tensor::randn(0.5f32, 2.0, (2, 3, 16, 16), &Device::Cpu).unwrap();
+        model.forward(&x, true).unwrap();
+        model
+    }
+
+    fn noise_image(w: u32, h: u32) -> RgbImage {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(11);
+        RgbImage::from_fn(w, h, |_, _| {
+            image::Rgb([r.random(), r.random(), r.random()])
+        })
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn tiling_with_enough_overlap_reproduces_the_whole_image() {
+        let model = tiny_unet();
+        // Not multiples of the stride: the edge windows are padded like the whole image.
+        let img = noise_image(70, 53);
+        for tta in [false, true] {
+            let pred = |mode| {
+                Predictor {
+                    model: &model,
+                    normalize: Normalize::PerImage,
+                    mode,
+                    tta,
+                }
+                .probs(&img)
+                .unwrap()
+            };
+            let whole = pred(Mode::Native {
+                tile: 0,
+                overlap: 0,
+            });
+            assert_eq!(whole.len(), 70 * 53);
+            // The tiny net's context is about 9 px; a 24 px overlap keeps 12 px on each side.
+            let tiled = pred(Mode::Native {
+                tile: 32,
+                overlap: 24,
+            });
+            let d = max_diff(&whole, &tiled);
+            assert!(d < 1e-5, "tta {tta}: tiled differs from whole by {d}");
+            // A small overlap leaves zero-padding effects at the cuts: the comparison above
+            // is able to fail.
+            let thin = pred(Mode::Native {
+                tile: 32,
+                overlap: 2,
+            });
+            let d = max_diff(&whole, &thin);
+            assert!(
+                d > 1e-4,
+                "tta {tta}: a 2 px overlap should show the tile borders ({d})"
+            );
+        }
+    }
+
+    #[test]
+    fn native_prediction_at_drive_size_matches_its_default_tiling() {
+        // DRIVE's 565×584 is no multiple of the stride: whole-image prediction pads by
+        // reflection and crops back; 256 px tiles with the default 64 px overlap agree.
+        let model = tiny_unet();
+        let img = noise_image(565, 584);
+        let pred = |mode| {
+            Predictor {
+                model: &model,
+                normalize: Normalize::PerImage,
+                mode,
+                tta: false,
+            }
+            .probs(&img)
+            .unwrap()
+        };
+        let whole = pred(Mode::Native {
+            tile: 0,
+            overlap: 0,
+        });
+        assert_eq!(whole.len(), 565 * 584);
+        assert!(whole.iter().all(|p| (0.0..=1.0).contains(p)));
+        let tiled = pred(Mode::Native {
+            tile: 256,
+            overlap: 64,
+        });
+        let d = max_diff(&whole, &tiled);
+        assert!(d < 1e-5, "tiled differs from whole by {d}");
+    }
+
+    #[test]
+    fn tile_spans_partition_the_axis_on_the_stride_grid() {
+        for (len, tile, overlap, stride) in [
+            (565, 128, 32, 8),
+            (584, 256, 64, 8),
+            (70, 32, 24, 2),
+            (100, 64, 0, 8),
+            (64, 64, 16, 8),
+        ] {
+            let spans = tile_spans(len, tile, overlap, stride);
+            assert_eq!(spans[0].2, 0);
+            assert_eq!(spans.last().unwrap().1, len);
+            assert_eq!(spans.last().unwrap().3, len);
+            for (i, &(s, e, o0, o1)) in spans.iter().enumerate() {
+                assert_eq!(s % stride, 0, "start {s} off the stride grid");
+                assert!(s <= o0 && o0 < o1 && o1 <= e && e <= len);
+                assert!(e - s < tile + stride);
+                if i > 0 {
+                    assert_eq!(o0, spans[i - 1].3, "owned ranges must be contiguous");
+                    assert!(
+                        o0 - s >= overlap / 2,
+                        "left margin {} < {}",
+                        o0 - s,
+                        overlap / 2
+                    );
+                }
+                if i + 1 < spans.len() {
+                    assert!(
+                        e - o1 >= overlap / 2,
+                        "right margin {} < {}",
+                        e - o1,
+                        overlap / 2
+                    );
+                }
+            }
+        }
     }
 }

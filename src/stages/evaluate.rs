@@ -28,7 +28,8 @@ pub struct Evaluate;
 
 impl Stage for Evaluate {
     fn version(&self) -> u32 {
-        1
+        // 2: native tiling takes each pixel from its most central tile.
+        2
     }
     fn role(&self) -> &'static str {
         "evaluate"

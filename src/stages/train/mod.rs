@@ -221,6 +221,14 @@ fn train(
         tta: false,
     };
 
+    // Per-image statistics come from the whole image, as the reference does: computed once
+    // here rather than for every crop drawn from it.
+    let train_stats: Vec<ChannelStats> = ds
+        .train
+        .iter()
+        .map(|p| ChannelStats::for_image(exp.data.normalize, &p.work.image))
+        .collect();
+
     let start_period = state.history.len();
     let mut bar = progress.bar((periods * steps_per) as u64, "train");
     bar.inc((start_period * steps_per) as u64);
@@ -249,9 +257,17 @@ fn train(
         std::thread::scope(|scope| -> Result<()> {
             let plan = &plan;
             let augmenter = &augmenter;
+            let stats = &train_stats;
             scope.spawn(move || {
                 for (s, idx) in plan.iter().enumerate() {
-                    let b = build_batch(exp, &ds.train, idx, augmenter, (first_step + s) as u64);
+                    let b = build_batch(
+                        exp,
+                        &ds.train,
+                        stats,
+                        idx,
+                        augmenter,
+                        (first_step + s) as u64,
+                    );
                     if tx.send(b).is_err() {
                         return;
                     }
@@ -368,11 +384,12 @@ fn load_tensors(path: &Path, device: &Device) -> Result<std::collections::HashMa
         .with_context(|| format!("cannot read checkpoint {}", path.display()))
 }
 
-/// Build one batch: crop (native training), augment, normalise. Deterministic in
-/// (seed, step, position in batch).
+/// Build one batch: crop (native training), augment, normalise with `stats[i]` (those of
+/// the whole image `train[i]`). Deterministic in (seed, step, position in batch).
 pub fn build_batch(
     exp: &Experiment,
     train: &[Prepared],
+    stats: &[ChannelStats],
     idx: &[usize],
     aug: &Augmenter,
     step: u64,
@@ -384,8 +401,6 @@ pub fn build_batch(
         .map(|(j, &i)| {
             let mut rng = StdRng::seed_from_u64(mix(&[t.seed, 4, step, j as u64]));
             let full = &train[i].work;
-            // Per-image statistics come from the whole image, as the reference does.
-            let stats = ChannelStats::for_image(exp.data.normalize, &full.image);
             let s = if t.crop > 0 {
                 data::random_crop(full, t.crop, &mut rng)
             } else {
@@ -397,7 +412,7 @@ pub fn build_batch(
                 .label
                 .ok_or_else(|| anyhow!("train image {} has no annotation", s.id))?
                 .into_raw();
-            Ok((data::to_chw_f32_with(&s.image, &stats), label, w, h))
+            Ok((data::to_chw_f32_with(&s.image, &stats[i]), label, w, h))
         })
         .collect::<Result<_>>()?;
     let (w, h) = (items[0].2, items[0].3);
