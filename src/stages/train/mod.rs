@@ -47,7 +47,8 @@ const STATE: &str = "state.json";
 
 impl Stage for Train {
     fn version(&self) -> u32 {
-        1
+        // 2: peak RSS is the stage's own (reset at the start of training).
+        2
     }
     fn role(&self) -> &'static str {
         "train"
@@ -150,6 +151,7 @@ fn train(
         bail!("native-resolution data needs train.crop > 0 (random crops)");
     }
     let device = device::select(&t.device)?;
+    reset_peak_rss();
     let model = SegModel::new(&exp.model, &device, t.seed)?;
     if !exp.model.pretrained.is_empty() {
         let notes = checkpoint::load_pretrained(&model, Path::new(&exp.model.pretrained))
@@ -547,6 +549,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
+}
+
+/// Reset the peak resident set (Linux: `5` to /proc/self/clear_refs), so that a stage's peak
+/// is its own and not that of earlier stages in the same process. Best effort.
+pub fn reset_peak_rss() {
+    let _ = fs::write("/proc/self/clear_refs", b"5");
 }
 
 /// Peak resident set of this process (VmHWM), MiB; 0 where /proc is unavailable.
