@@ -34,6 +34,10 @@ test:
     cargo clippy --all-targets -- -D warnings
     cargo test --all-targets
 
+# Build with CUDA (no GPU or system toolkit needed: NVIDIA's PyPI wheels and a stub driver).
+build-cuda *ARGS:
+    scripts/build-cuda.sh {{ARGS}}
+
 # Benchmarks: training step, inference, data loading; PyTorch side by side when installed.
 bench *ARGS: build
     bench/run.sh {{ARGS}}
