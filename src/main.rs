@@ -185,6 +185,7 @@ fn main() -> ExitCode {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    tune_allocator();
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -195,6 +196,24 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Keeps freed tensor buffers in the process instead of handing them back to the kernel.
+///
+/// glibc serves allocations above its mmap threshold (dynamic, starting at 128 KiB) with fresh
+/// `mmap`s and returns freed memory at the heap top once it exceeds the trim threshold; a
+/// training step allocates and frees hundreds of multi-MiB tensors, so every one of them was
+/// page-faulted and zeroed by the kernel again (16 % of a U-Net step in `perf`). With a 32 MiB
+/// mmap threshold (glibc's maximum) and no trimming, freed buffers are reused: U-Net step at
+/// 96 px batch 16 measured 2.13 s → 1.49 s (dev build), for a few MiB more peak RSS.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called before any other thread
+    // exists. A rejected value leaves glibc's default in place (harmless).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
 
