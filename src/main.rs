@@ -143,6 +143,9 @@ enum BenchCmd {
         steps: usize,
         #[arg(long, default_value_t = 2)]
         warmup: usize,
+        /// Training loss: `ce` (the DeepLabV3 reference) or `ce+dice` (the U-Net reference).
+        #[arg(long, default_value = "ce", value_parser = parse_loss)]
+        loss: config::schema::Loss,
     },
     /// Whole-image inference of one image (565×584 random, or --image) at --imgsz.
     Infer {
@@ -170,6 +173,11 @@ enum BenchCmd {
 fn parse_arch(s: &str) -> Result<config::Arch, String> {
     serde_json::from_value(serde_json::Value::String(s.into()))
         .map_err(|_| format!("unknown arch {s:?} (deeplabv3, unet)"))
+}
+
+fn parse_loss(s: &str) -> Result<config::schema::Loss, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("unknown loss {s:?} (ce, ce+dice)"))
 }
 
 fn parse_backbone(s: &str) -> Result<config::Backbone, String> {
@@ -344,6 +352,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     batch,
                     steps,
                     warmup,
+                    loss,
                 } => driveline::bench::train_step(
                     arch,
                     backbone,
@@ -351,6 +360,7 @@ fn real_main(cli: Cli) -> Result<()> {
                     batch,
                     steps.max(1),
                     warmup,
+                    loss,
                 )?,
                 BenchCmd::Infer {
                     arch,
