@@ -255,7 +255,9 @@ mod tests {
     /// rounding) for every optimizer, with and without weight decay and momentum.
     #[test]
     fn fused_matches_tensor_ops() {
-        let init: Vec<f32> = (0..1000).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+        let init: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         for (kind, wd, mom) in [
             (Kind::Adam, 0.0, 0.9),
             (Kind::Adam, 0.1, 0.9),

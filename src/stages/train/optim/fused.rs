@@ -127,7 +127,11 @@ fn adam_t<T: Elem>(h: &Hyper, w: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor) ->
     let (b1, b2, eps) = (h.beta1, h.beta2, h.eps);
     let step = h.lr / (1.0 - b1.powi(t));
     let sqrt_bc2 = (1.0 - b2.powi(t)).sqrt();
-    let l2 = if h.kind == Kind::Adam { h.weight_decay } else { 0.0 };
+    let l2 = if h.kind == Kind::Adam {
+        h.weight_decay
+    } else {
+        0.0
+    };
     let decay = if h.kind == Kind::Adamw {
         1.0 - h.lr * h.weight_decay
     } else {
@@ -195,11 +199,7 @@ fn sgd_t<T: Elem>(h: &Hyper, w: &Tensor, g: &Tensor, m: &Tensor, first: bool) ->
                             let wi = w[i].to_f64();
                             let gi = g[i].to_f64() + wd * wi;
                             let d = if mu > 0.0 {
-                                let b = if first {
-                                    gi
-                                } else {
-                                    mu * m[i].to_f64() + gi
-                                };
+                                let b = if first { gi } else { mu * m[i].to_f64() + gi };
                                 let b_t = T::from_f64(b);
                                 m[i] = b_t;
                                 b_t.to_f64()
