@@ -68,7 +68,7 @@ if want infer; then
 fi
 if want data; then
     if [ -d "$DATA" ]; then
-        ours data data experiments/r50_512.toml --reps "$DATA_REPS"
+        ours data data experiments/r50_512.toml --set "data.root=$DATA" --reps "$DATA_REPS"
     else
         echo "# no DRIVE data at $DATA: data-loading benchmark skipped"
     fi

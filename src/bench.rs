@@ -176,6 +176,7 @@ pub fn data_epoch(
 ) -> Result<BenchResult> {
     let aug = crate::data::Augmenter::new(&exp.augment);
     let n = ds.train.len();
+    let stats = crate::stages::train::image_stats(exp, &ds.train);
     let mut times = Vec::new();
     for r in 0..reps + 1 {
         let t0 = Instant::now();
@@ -184,7 +185,8 @@ pub fn data_epoch(
             .chunks(exp.train.batch)
             .enumerate()
         {
-            crate::stages::train::build_batch(exp, &ds.train, chunk, &aug, (r * 1000 + s) as u64)?;
+            let step = (r * 1000 + s) as u64;
+            crate::stages::train::build_batch(exp, &ds.train, &stats, chunk, &aug, step)?;
         }
         if r > 0 {
             times.push(t0.elapsed().as_secs_f64());
