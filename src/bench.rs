@@ -14,6 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+use crate::config::schema::Loss;
 use crate::config::{Arch, Backbone, Experiment, ModelConfig, Normalize};
 use crate::model::{ops, SegModel};
 use crate::predict::{Mode, Predictor};
@@ -56,7 +57,7 @@ fn forward_gflop(model: &SegModel, x: &Tensor) -> Result<f64> {
     Ok(ops::conv_flops() as f64 / 1e9)
 }
 
-/// Time `steps` training steps (after `warmup`) at `imgsz`, batch `batch`.
+/// Time `steps` training steps (after `warmup`) at `imgsz`, batch `batch`, with Adam and `loss`.
 pub fn train_step(
     arch: Arch,
     backbone: Backbone,
@@ -64,10 +65,12 @@ pub fn train_step(
     batch: usize,
     steps: usize,
     warmup: usize,
+    loss: Loss,
 ) -> Result<BenchResult> {
     let dev = Device::Cpu;
     let mut exp = Experiment::template();
     exp.model = model_cfg(arch, backbone);
+    exp.train.loss = loss;
     let model = SegModel::new(&exp.model, &dev, 0)?;
     let mut rng = StdRng::seed_from_u64(0);
     let xs: Vec<f32> = (0..batch * 3 * imgsz * imgsz)
@@ -93,7 +96,10 @@ pub fn train_step(
     let (median_s, min_s) = median_min(times);
     Ok(BenchResult {
         bench: "train_step".into(),
-        what: format!("{arch:?}-{} {imgsz}px batch {batch}", backbone.as_str()).to_lowercase(),
+        what: match arch {
+            Arch::Unet => format!("unet {imgsz}px batch {batch}"),
+            _ => format!("{arch:?}-{} {imgsz}px batch {batch}", backbone.as_str()).to_lowercase(),
+        },
         median_s,
         min_s,
         runs: steps,
@@ -170,11 +176,7 @@ pub fn data_epoch(
 ) -> Result<BenchResult> {
     let aug = crate::data::Augmenter::new(&exp.augment);
     let n = ds.train.len();
-    let stats: Vec<crate::data::ChannelStats> = ds
-        .train
-        .iter()
-        .map(|p| crate::data::ChannelStats::for_image(exp.data.normalize, &p.work.image))
-        .collect();
+    let stats = crate::stages::train::image_stats(exp, &ds.train);
     let mut times = Vec::new();
     for r in 0..reps + 1 {
         let t0 = Instant::now();
@@ -183,14 +185,8 @@ pub fn data_epoch(
             .chunks(exp.train.batch)
             .enumerate()
         {
-            crate::stages::train::build_batch(
-                exp,
-                &ds.train,
-                &stats,
-                chunk,
-                &aug,
-                (r * 1000 + s) as u64,
-            )?;
+            let step = (r * 1000 + s) as u64;
+            crate::stages::train::build_batch(exp, &ds.train, &stats, chunk, &aug, step)?;
         }
         if r > 0 {
             times.push(t0.elapsed().as_secs_f64());

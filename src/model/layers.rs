@@ -406,7 +406,7 @@ pub struct ConvBnRelu {
 
 impl ConvBnRelu {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?, train)?.relu()
+        ops::relu(&self.bn.forward(&self.conv.forward(x)?, train)?)
     }
 }
 

@@ -49,7 +49,7 @@ impl<'a, T> MatRef<'a, T> {
 /// unit column stride and row stride `dst_rs`.
 ///
 /// Panics if the shapes disagree or a view reaches outside its slice (internal invariants, not
-/// user input). Runs on Candle's thread count through rayon.
+/// user input). Runs on the current rayon pool (`--threads` / `RAYON_NUM_THREADS`).
 pub(crate) fn matmul<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
@@ -75,7 +75,9 @@ pub(crate) fn matmul<T: WithDType>(
         }
         return;
     }
-    let threads = candle_core::utils::get_num_threads();
+    // The pool actually in use: `--threads N` builds it with N threads, which Candle's
+    // `get_num_threads` (it reads only RAYON_NUM_THREADS) would not see.
+    let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 && m * n * k > 32 * 32 * 32 {
         gemm::Parallelism::Rayon(threads)
     } else {

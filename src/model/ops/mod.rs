@@ -8,6 +8,7 @@ mod bias;
 mod conv;
 mod gemm;
 mod pool;
+mod relu;
 mod resize;
 
 pub use batchnorm::BatchNorm2d;
@@ -59,6 +60,12 @@ pub fn conv2d(
         Some(b) => bias::add_channel_bias(&y, b),
         None => Ok(y),
     }
+}
+
+/// `max(x, 0)` with a one-pass backward (zero gradient at 0, as PyTorch). Candle's own `relu`
+/// backward takes four tensor-sized passes.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    relu::relu(x)
 }
 
 /// Max pooling with square `kernel`, `stride` and implicit -inf `padding` (PyTorch's `max_pool2d`,

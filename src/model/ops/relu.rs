@@ -1,0 +1,159 @@
+//! ReLU with a one-pass backward.
+//!
+//! Candle's `relu` backward builds `zeros_like(x)`, `x >= 0` as u8, its f32 copy and the product
+//! with the gradient: four tensor-sized passes and allocations after every BN of the network.
+//! Here the backward is a single pass `gx = gy · [y > 0]` (PyTorch's convention: zero gradient
+//! at 0).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
+};
+use rayon::prelude::*;
+
+/// Elements per parallel task.
+const CHUNK: usize = 1 << 16;
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+fn relu_fwd<T: WithDType>(x: &[T]) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let mut y = vec![zero; x.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| {
+            for (d, &s) in y.iter_mut().zip(x) {
+                *d = if s > zero { s } else { zero };
+            }
+        });
+    y
+}
+
+fn relu_bwd<T: WithDType>(y: &[T], gy: &[T]) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let mut gx = vec![zero; y.len()];
+    gx.par_chunks_mut(CHUNK)
+        .zip(y.par_chunks(CHUNK).zip(gy.par_chunks(CHUNK)))
+        .for_each(|(gx, (y, gy))| {
+            for ((d, &yv), &g) in gx.iter_mut().zip(y).zip(gy) {
+                *d = if yv > zero { g } else { zero };
+            }
+        });
+    gx
+}
+
+/// x -> max(x, 0).
+struct Relu;
+
+impl CustomOp1 for Relu {
+    fn name(&self) -> &'static str {
+        "driveline-relu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(relu_fwd(slice::<f32>(s, l, self.name())?)),
+            CpuStorage::F64(_) => CpuStorage::F64(relu_fwd(slice::<f64>(s, l, self.name())?)),
+            _ => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
+        };
+        Ok((y, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&gy.contiguous()?, &ReluGrad)?))
+    }
+}
+
+/// (y, gy) -> gy where y > 0, else 0; not itself differentiable.
+struct ReluGrad;
+
+impl CustomOp2 for ReluGrad {
+    fn name(&self) -> &'static str {
+        "driveline-relu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "{}: shapes {:?} / {:?}",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let n = self.name();
+        let g = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(relu_bwd(slice::<f32>(s1, l1, n)?, slice::<f32>(s2, l2, n)?))
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(relu_bwd(slice::<f64>(s1, l1, n)?, slice::<f64>(s2, l2, n)?))
+            }
+            _ => candle_core::bail!(
+                "{n}: unsupported dtypes {:?} / {:?}",
+                s1.dtype(),
+                s2.dtype()
+            ),
+        };
+        Ok((g, l1.shape().clone()))
+    }
+}
+
+/// ReLU; on CPU f32/f64 the custom op above, elsewhere Candle's.
+pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        x.contiguous()?.apply_op1(Relu)
+    } else {
+        x.relu()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Forward is max(x, 0); the gradient of Σ relu(x)·c is c where x > 0 and 0 elsewhere,
+    /// including at x = 0 (PyTorch's convention), for f32 and f64.
+    #[test]
+    fn forward_and_gradient() {
+        let xs = [-2.0, -0.5, 0.0, 0.25, 3.0];
+        let cs = [1.0, 2.0, 3.0, 4.0, 5.0];
+        for dtype in [DType::F32, DType::F64] {
+            let x = Var::from_tensor(
+                &Tensor::new(&xs, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let c = Tensor::new(&cs, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let y = relu(x.as_tensor()).unwrap();
+            let got: Vec<f64> = y.to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+            assert_eq!(got, vec![0.0, 0.0, 0.0, 0.25, 3.0]);
+            let grads = (y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+            let g: Vec<f64> = grads
+                .get(x.as_tensor())
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(g, vec![0.0, 0.0, 0.0, 4.0, 5.0]);
+        }
+    }
+}
