@@ -52,6 +52,17 @@ pub struct RunOptions {
     pub quiet: bool,
 }
 
+impl RunOptions {
+    /// A human-readable status line: stdout, or stderr when stdout carries JSON.
+    fn say(&self, line: &str) {
+        if self.quiet {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+}
+
 /// A stage with its key and whether it must run.
 #[derive(Debug, Clone)]
 pub struct Planned {
@@ -286,13 +297,7 @@ pub fn run(
         }
         None => BTreeSet::new(),
     };
-    let say = |line: String| {
-        if opts.quiet {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
-    };
+    let say = |line: String| opts.say(&line);
     if !opts.dry_run {
         say(format!("{} ({})", exp.name, pipeline.name));
     }
@@ -383,13 +388,7 @@ fn run_stage(
     reason: &str,
 ) -> Result<(String, f64)> {
     let exp = &loaded.exp;
-    let say = |line: String| {
-        if opts.quiet {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
-    };
+    let say = |line: String| opts.say(&line);
     let imp = stages::lookup(&p.kind).with_context(|| format!("unknown stage `{}`", p.kind))?;
     let _lock = env.cache.lock(&p.key, || {
         eprintln!("  {}: waiting for another process computing it", p.name)
