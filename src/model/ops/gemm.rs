@@ -49,13 +49,15 @@ impl<'a, T> MatRef<'a, T> {
 /// unit column stride and row stride `dst_rs`.
 ///
 /// Panics if the shapes disagree or a view reaches outside its slice (internal invariants, not
-/// user input). Runs on the current rayon pool (`--threads` / `RAYON_NUM_THREADS`).
+/// user input). With `par`, runs on the current rayon pool (`--threads` / `RAYON_NUM_THREADS`);
+/// otherwise on the calling thread.
 pub(crate) fn matmul<T: WithDType>(
     dst: &mut [T],
     dst_rs: usize,
     a: MatRef<'_, T>,
     b: MatRef<'_, T>,
     accumulate: bool,
+    par: bool,
 ) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "gemm inner dimensions");
@@ -78,7 +80,7 @@ pub(crate) fn matmul<T: WithDType>(
     // The pool actually in use: `--threads N` builds it with N threads, which Candle's
     // `get_num_threads` (it reads only RAYON_NUM_THREADS) would not see.
     let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 && m * n * k > 32 * 32 * 32 {
+    let parallelism = if par && threads > 1 && m * n * k > 32 * 32 * 32 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
