@@ -96,6 +96,26 @@ impl ConvGeom {
     fn out_shape(&self) -> Shape {
         Shape::from((self.n, self.o, self.ho, self.wo))
     }
+
+    /// For a stride-1 square kernel (not 1×1) whose padding is at most its dilated reach, the
+    /// convolution whose forward is this one's input gradient: `gx = conv(gy, W′)` with
+    /// `W′[c, o, i, j] = W[o, c, kh-1-i, kw-1-j]` and padding `dilation·(kh-1) - padding`. One
+    /// GEMM with inner dimension O·kh·kw and no col2im scatter; sparse plans apply to it too.
+    fn input_grad_conv(&self) -> Option<ConvGeom> {
+        let reach = self.dilation * (self.kh - 1);
+        (self.stride == 1 && self.kh == self.kw && self.kh > 1 && self.padding <= reach).then(
+            || ConvGeom {
+                c: self.o,
+                h: self.ho,
+                w: self.wo,
+                o: self.c,
+                padding: reach - self.padding,
+                ho: self.h,
+                wo: self.w,
+                ..*self
+            },
+        )
+    }
 }
 
 /// Range `[lo, hi)` of output indices `i` whose input index `i*stride + off - pad` lies in
@@ -274,14 +294,37 @@ fn gather_weight<T: WithDType>(g: &ConvGeom, w: &[T], taps: &[(usize, usize)]) -
     out
 }
 
-/// The region weights of a sparse plan (empty otherwise).
-fn region_weights<T: WithDType>(g: &ConvGeom, plan: &Plan, w: &[T]) -> Vec<Vec<T>> {
-    match plan {
-        Plan::Sparse(regions) => regions
-            .iter()
-            .map(|r| gather_weight(g, w, &r.taps))
-            .collect(),
-        _ => Vec::new(),
+/// The weight matrices of a sparse plan's regions, one per distinct tap set (bands of one
+/// region and symmetric regions share theirs).
+struct RegionWeights<T> {
+    mats: Vec<Vec<T>>,
+    /// Index into `mats` of each region.
+    of: Vec<usize>,
+}
+
+impl<T: WithDType> RegionWeights<T> {
+    /// Empty unless `plan` is sparse.
+    fn new(g: &ConvGeom, plan: &Plan, w: &[T]) -> Self {
+        let (mut sets, mut mats, mut of) =
+            (Vec::<&[(usize, usize)]>::new(), Vec::new(), Vec::new());
+        if let Plan::Sparse(regions) = plan {
+            for r in regions {
+                let i = match sets.iter().position(|s| *s == r.taps.as_slice()) {
+                    Some(i) => i,
+                    None => {
+                        sets.push(&r.taps);
+                        mats.push(gather_weight(g, w, &r.taps));
+                        mats.len() - 1
+                    }
+                };
+                of.push(i);
+            }
+        }
+        Self { mats, of }
+    }
+
+    fn get(&self, region: usize) -> &[T] {
+        &self.mats[self.of[region]]
     }
 }
 
@@ -498,7 +541,7 @@ fn forward<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], w: &[T]) -> Vec<T> 
     let (k, p) = (g.k(), g.p());
     let mut y = vec![T::from_f64(0.0); g.n * g.o * p];
     let wm = MatRef::row_major(w, g.o, k);
-    let wr = region_weights(g, plan, w);
+    let wr = RegionWeights::new(g, plan, w);
     let (per, par) = image_split(g.n);
     let task = |(xs, ys): (&[T], &mut [T])| {
         let mut work = Work::new(g, plan);
@@ -514,11 +557,11 @@ fn forward<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], w: &[T]) -> Vec<T> 
                     }
                 }
                 Plan::Sparse(regions) => {
-                    for (r, wr) in regions.iter().zip(&wr) {
+                    for (i, r) in regions.iter().enumerate() {
                         let (kr, area) = (g.c * r.taps.len(), r.area());
                         im2col_region(g, xi, r, &mut work.col);
                         let (wm, cm) = (
-                            MatRef::row_major(wr, g.o, kr),
+                            MatRef::row_major(wr.get(i), g.o, kr),
                             MatRef::row_major(&work.col, kr, area),
                         );
                         matmul(&mut work.scratch, area, wm, cm, false, par);
@@ -632,12 +675,37 @@ fn grad_weight<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], gy: &[T]) -> Ve
     gw
 }
 
+/// `W′[c, o, i, j] = W[o, c, kh-1-i, kw-1-j]` (see [`ConvGeom::input_grad_conv`]).
+fn flip_transpose<T: WithDType>(g: &ConvGeom, w: &[T]) -> Vec<T> {
+    let khw = g.kh * g.kw;
+    let mut out = vec![T::from_f64(0.0); w.len()];
+    for o in 0..g.o {
+        for c in 0..g.c {
+            let src = &w[(o * g.c + c) * khw..][..khw];
+            let dst = &mut out[(c * g.o + o) * khw..][..khw];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
+            }
+        }
+    }
+    out
+}
+
+/// `gx` [N, C, H, W]: the transposed-kernel convolution of `gy` where it applies, else
+/// [`grad_input`].
+fn input_gradient<T: WithDType>(g: &ConvGeom, gy: &[T], w: &[T]) -> Vec<T> {
+    match g.input_grad_conv() {
+        Some(gt) => forward(&gt, &Plan::new(&gt), gy, &flip_transpose(g, w)),
+        None => grad_input(g, &Plan::new(g), gy, w),
+    }
+}
+
 /// `gx` [N, C, H, W] = col2im(Wᵀ · gy_n) per image.
 fn grad_input<T: WithDType>(g: &ConvGeom, plan: &Plan, gy: &[T], w: &[T]) -> Vec<T> {
     let (k, p) = (g.k(), g.p());
     let mut gx = vec![T::from_f64(0.0); g.n * g.img()];
     let wt = MatRef::row_major(w, g.o, k).t();
-    let wr = region_weights(g, plan, w);
+    let wr = RegionWeights::new(g, plan, w);
     let (per, par) = image_split(g.n);
     let task = |(gys, gxs): (&[T], &mut [T])| {
         let mut work = Work::new(g, plan);
@@ -653,13 +721,13 @@ fn grad_input<T: WithDType>(g: &ConvGeom, plan: &Plan, gy: &[T], w: &[T]) -> Vec
                     }
                 }
                 Plan::Sparse(regions) => {
-                    for (r, wr) in regions.iter().zip(&wr) {
+                    for (i, r) in regions.iter().enumerate() {
                         let (kr, area) = (g.c * r.taps.len(), r.area());
                         gather_region(g, gyi, g.o, r, &mut work.scratch);
                         matmul(
                             &mut work.col,
                             area,
-                            MatRef::row_major(wr, g.o, kr).t(),
+                            MatRef::row_major(wr.get(i), g.o, kr).t(),
                             MatRef::row_major(&work.scratch, g.o, area),
                             false,
                             par,
@@ -804,15 +872,14 @@ impl CustomOp2 for GradInput {
                 g.out_shape()
             );
         }
-        let plan = Plan::new(g);
         let gx = dispatch2(
             self.name(),
             s1,
             l1,
             s2,
             l2,
-            |gy, w| grad_input(g, &plan, gy, w),
-            |gy, w| grad_input(g, &plan, gy, w),
+            |gy, w| input_gradient(g, gy, w),
+            |gy, w| input_gradient(g, gy, w),
         )?;
         Ok((gx, Shape::from((g.n, g.c, g.h, g.w))))
     }
@@ -1003,6 +1070,33 @@ mod tests {
             assert_eq!(run(1, &sparse), dense, "{g:?}");
             assert_eq!(run(2, &sparse), dense, "{g:?}");
             assert_eq!(run(2, &Plan::Dense), dense, "{g:?}");
+        }
+    }
+
+    /// The transposed-kernel input gradient equals the col2im one, dense and sparse, and it is
+    /// used exactly where it applies.
+    #[test]
+    fn transposed_kernel_input_gradient_matches_col2im() {
+        // (stride, padding, dilation, kernel, uses the transposed kernel)
+        let geoms = [
+            (1, 1, 1, 3, true),
+            (1, 0, 1, 3, true),
+            (1, 2, 2, 3, true),
+            (1, 6, 6, 3, true),
+            (1, 3, 1, 4, true),
+            (1, 0, 1, 1, false),
+            (2, 1, 1, 3, false),
+            (1, 3, 1, 3, false),
+        ];
+        for (stride, padding, dilation, kernel, transposed) in geoms {
+            let xs = Shape::from((3, 5, 9, 11));
+            let ws = Shape::from((4, 5, kernel, kernel));
+            let g = ConvGeom::new(&xs, &ws, stride, padding, dilation).unwrap();
+            assert_eq!(g.input_grad_conv().is_some(), transposed, "{g:?}");
+            let (_, w, gy) = data(&xs, &ws, &g);
+            let reference = grad_input(&g, &Plan::new(&g), &gy, &w);
+            assert!(reference.iter().any(|v| *v != 0.0));
+            assert_eq!(input_gradient(&g, &gy, &w), reference, "{g:?}");
         }
     }
 
