@@ -112,8 +112,7 @@ impl Aspp {
         let pooled = x.mean_keepdim((2, 3))?;
         let pooled = self
             .pool_bn
-            .forward(&self.pool_conv.forward(&pooled)?, train)?
-            .relu()?;
+            .forward_relu(&self.pool_conv.forward(&pooled)?, train)?;
         let c = pooled.dim(1)?;
         outs.push(pooled.broadcast_as((n, c, h, w))?.contiguous()?);
         let cat = Tensor::cat(&outs, 1)?;

@@ -395,6 +395,14 @@ impl BatchNorm {
         }
         self.inner.forward(x, train)
     }
+
+    /// `relu(self.forward(x, train))`, fused into one op when training on CPU.
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+        }
+        self.inner.forward_relu(x, train)
+    }
 }
 
 /// Convolution → BatchNorm → ReLU, the unit every network here is made of.
@@ -406,7 +414,7 @@ pub struct ConvBnRelu {
 
 impl ConvBnRelu {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        ops::relu(&self.bn.forward(&self.conv.forward(x)?, train)?)
+        self.bn.forward_relu(&self.conv.forward(x)?, train)
     }
 }
 

@@ -100,13 +100,13 @@ impl BasicBlock {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = ops::relu(&self.bn1.forward(&self.conv1.forward(x)?, train)?)?;
+        let y = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward(&self.conv2.forward(&y)?, train)?;
         let identity = match &self.downsample {
             Some(d) => d.forward(x, train)?,
             None => x.clone(),
         };
-        ops::relu(&(y + identity)?)
+        ops::add_relu(&y, &identity)
     }
 }
 
@@ -184,14 +184,14 @@ impl Bottleneck {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = ops::relu(&self.bn1.forward(&self.conv1.forward(x)?, train)?)?;
-        let y = ops::relu(&self.bn2.forward(&self.conv2.forward(&y)?, train)?)?;
+        let y = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
+        let y = self.bn2.forward_relu(&self.conv2.forward(&y)?, train)?;
         let y = self.bn3.forward(&self.conv3.forward(&y)?, train)?;
         let identity = match &self.downsample {
             Some(d) => d.forward(x, train)?,
             None => x.clone(),
         };
-        ops::relu(&(y + identity)?)
+        ops::add_relu(&y, &identity)
     }
 }
 
@@ -298,7 +298,7 @@ impl ResNet {
 
     /// [N, 3, H, W] → layer4 features [N, out_channels, ⌈H/os⌉, ⌈W/os⌉] (PyTorch's rounding).
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = ops::relu(&self.bn1.forward(&self.conv1.forward(x)?, train)?)?;
+        let x = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
         let mut x = ops::max_pool2d(&x, 3, 2, 1)?;
         for layer in &self.layers {
             for block in layer {

@@ -34,8 +34,20 @@ impl BatchNorm2d {
     /// Normalises `x` [N, C, H, W]; `train` selects batch statistics (and updates the running
     /// ones) versus the running statistics.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(x, train, false)
+    }
+
+    /// `relu(self.forward(x, train))`. In training on CPU the ReLU is fused into the batch-norm
+    /// op: one output tensor and one backward node instead of two (Candle builds every gradient
+    /// as zeros + grad, so each node saved is two passes over an activation).
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_impl(x, train, true)
+    }
+
+    fn forward_impl(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let unfused_relu = |y: Tensor| if relu { super::relu::relu(&y) } else { Ok(y) };
         if !train {
-            return self.forward_eval(x);
+            return unfused_relu(self.forward_eval(x)?);
         }
         let (n, _, h, w) = x.dims4()?;
         let count = n * h * w;
@@ -43,7 +55,7 @@ impl BatchNorm2d {
             candle_core::bail!("BatchNorm2d: training needs more than one value per channel");
         }
         if !fused(x) {
-            return self.forward_train_tensor_ops(x, count);
+            return unfused_relu(self.forward_train_tensor_ops(x, count)?);
         }
         let x = x.contiguous()?;
         let (mean, var) = match x.dtype() {
@@ -60,7 +72,7 @@ impl BatchNorm2d {
         x.apply_op3(
             self.weight.as_tensor(),
             self.bias.as_tensor(),
-            BnTrain { mean, invstd },
+            BnTrain { mean, invstd, relu },
         )
     }
 
@@ -158,6 +170,8 @@ fn channel_stats<T: WithDType>(x: &[T], c: usize, hw: usize) -> (Vec<f64>, Vec<f
 struct BnTrain {
     mean: Vec<f64>,
     invstd: Vec<f64>,
+    /// Followed by a ReLU (the output is `max(0, ·)`, and the gradient flows where it is > 0).
+    relu: bool,
 }
 
 impl BnTrain {
@@ -175,16 +189,39 @@ impl BnTrain {
             .enumerate()
             .for_each(|(i, (yp, xp))| {
                 let (s, t) = (scale[i % c], shift[i % c]);
-                for (yv, xv) in yp.iter_mut().zip(xp) {
-                    *yv = T::from_f64(xv.to_f64() * s + t);
+                if self.relu {
+                    for (yv, xv) in yp.iter_mut().zip(xp) {
+                        let v = xv.to_f64() * s + t;
+                        *yv = T::from_f64(if v > 0.0 { v } else { 0.0 });
+                    }
+                } else {
+                    for (yv, xv) in yp.iter_mut().zip(xp) {
+                        *yv = T::from_f64(xv.to_f64() * s + t);
+                    }
                 }
             });
         y
     }
 
-    /// (gx, gw, gb) from x, weight and the output gradient gy.
-    fn bwd<T: WithDType>(&self, x: &[T], w: &[T], gy: &[T], hw: usize) -> (Vec<T>, Vec<T>, Vec<T>) {
+    /// (gx, gw, gb) from x, weight, the output y and the output gradient gy.
+    fn bwd<T: WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        y: &[T],
+        gy: &[T],
+        hw: usize,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let c = self.mean.len();
+        // The gradient reaching the normalisation: gy, zero where the ReLU clipped (one
+        // branch-free pass; a per-element branch here mispredicts on half the pixels).
+        let masked;
+        let gy = if self.relu {
+            masked = super::relu::relu_bwd(y, gy);
+            &masked[..]
+        } else {
+            gy
+        };
         let count = (x.len() / c) as f64;
         let (sum_gy, sum_gy_xhat): (Vec<f64>, Vec<f64>) = (0..c)
             .into_par_iter()
@@ -231,18 +268,21 @@ impl BnTrain {
         &self,
         x: &Tensor,
         w: &Tensor,
+        y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (_, c, h, wd) = x.dims4()?;
         let (gx, gw, gb) = {
-            let ((xs, xl), (ws, wl), (gs, gl)) = (
+            let ((xs, xl), (ws, wl), (ys, yl), (gs, gl)) = (
                 x.storage_and_layout(),
                 w.storage_and_layout(),
+                y.storage_and_layout(),
                 gy.storage_and_layout(),
             );
             self.bwd(
                 cpu_of::<T>(&xs, xl)?,
                 cpu_of::<T>(&ws, wl)?,
+                cpu_of::<T>(&ys, yl)?,
                 cpu_of::<T>(&gs, gl)?,
                 h * wd,
             )
@@ -301,13 +341,13 @@ impl CustomOp3 for BnTrain {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _y: &Tensor,
+        y: &Tensor,
         gy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (gy, wc) = (gy.contiguous()?, w.contiguous()?);
         let (gx, gw, gb) = match x.dtype() {
-            DType::F64 => self.bwd_tensors::<f64>(x, &wc, &gy)?,
-            _ => self.bwd_tensors::<f32>(x, &wc, &gy)?,
+            DType::F64 => self.bwd_tensors::<f64>(x, &wc, y, &gy)?,
+            _ => self.bwd_tensors::<f32>(x, &wc, y, &gy)?,
         };
         let keep = |t: &Tensor, g: Tensor| t.track_op().then_some(g);
         Ok((keep(x, gx), keep(w, gw), keep(b, gb)))
@@ -377,6 +417,32 @@ mod tests {
             (&fused_bn.running_var, &plain_bn.running_var),
         ] {
             assert!(max_diff(a.as_tensor(), b.as_tensor()) < 1e-12);
+        }
+    }
+
+    /// BatchNorm with the ReLU fused gives relu(BatchNorm) exactly: outputs and gradients.
+    #[test]
+    fn fused_relu_matches_separate_relu() {
+        let dev = Device::Cpu;
+        let bn = bn(4);
+        let x = Var::randn(0.5f64, 2.0, (3, 4, 5, 6), &dev).unwrap();
+        let gy = Tensor::randn(0.0f64, 1.0, (3, 4, 5, 6), &dev).unwrap();
+        let y1 = bn.forward_relu(&x, true).unwrap();
+        let y2 = super::super::relu::relu(&bn.forward(&x, true).unwrap()).unwrap();
+        assert_eq!(max_diff(&y1, &y2), 0.0);
+        let clipped = y1
+            .eq(0.0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let clipped = clipped.to_scalar::<f64>().unwrap();
+        assert!(clipped > 0.2 && clipped < 0.8, "{clipped}");
+        let g1 = (y1 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (y2 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [x.as_tensor(), bn.weight.as_tensor(), bn.bias.as_tensor()] {
+            assert!(max_diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-12);
         }
     }
 

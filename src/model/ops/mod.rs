@@ -68,6 +68,11 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     relu::relu(x)
 }
 
+/// `max(a + b, 0)` (a residual connection and its ReLU) as one op with a one-pass backward.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    relu::add_relu(a, b)
+}
+
 /// Max pooling with square `kernel`, `stride` and implicit -inf `padding` (PyTorch's `max_pool2d`,
 /// floor mode). The gradient goes to the first maximum of each window in scan order, as in
 /// PyTorch.
