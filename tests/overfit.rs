@@ -1,10 +1,12 @@
 //! Whole-model training checks: forward, every backward, the loss and the optimizer working
 //! together (a sign error or a missing gradient anywhere makes these fail).
 //!
-//! The small U-Net must fit two synthetic images almost perfectly (vessel IoU > 0.9). The
-//! small DeepLabV3 (ResNet-18) must learn them too, but its logits are computed at 1/8 of the
-//! input resolution and upsampled bilinearly, so it cannot draw vessels 1–2 px wide (the
-//! article's thin-vessel problem): for it the test asserts a large, real improvement instead.
+//! Both small models must fit two synthetic images almost perfectly (vessel IoU > 0.9 in eval
+//! mode, on the training images). The small DeepLabV3 (ResNet-18) computes its logits at 1/8 of
+//! the input resolution and upsamples them bilinearly, so it cannot draw vessels 1–2 px wide
+//! (the article's thin-vessel problem): its fixture has thick vessels of constant width, two
+//! output-stride cells across (`min_vessel_width = vessel_width = 16`), which an 8×8 grid of
+//! logits at 64 px can outline.
 
 use candle_core::{Device, Tensor};
 use driveline::config::{Arch, Backbone, Experiment, Layout, Loss, Normalize};
@@ -69,11 +71,14 @@ fn small_unet_overfits_two_synthetic_images() {
 }
 
 #[test]
-fn small_deeplabv3_learns_two_synthetic_images() {
+fn small_deeplabv3_overfits_two_synthetic_images() {
     let mut exp = synthetic_exp(64);
+    exp.model.arch = Arch::Deeplabv3;
     exp.model.backbone = Backbone::Resnet18;
-    exp.data.synthetic.vessel_width = 6.0;
-    let (first, last, iou) = fit(&exp, 20, 1e-3);
+    // Unbranched vessels 16 px (two output-stride cells) wide from root to tip.
+    exp.data.synthetic.vessel_width = 16.0;
+    exp.data.synthetic.min_vessel_width = 16.0;
+    let (first, last, iou) = fit(&exp, 60, 1e-3);
     assert!(last < first * 0.6, "loss {first} -> {last}");
-    assert!(iou > 0.3, "vessel IoU {iou:.4}");
+    assert!(iou > 0.9, "vessel IoU {iou:.4}");
 }

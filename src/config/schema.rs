@@ -104,6 +104,11 @@ pub struct SyntheticConfig {
     pub seed: u64,
     /// Width in pixels of the thickest vessel at the tree's root.
     pub vessel_width: f32,
+    /// Width in pixels that vessels taper down to; branching stops near it. 1 px (the default)
+    /// gives realistic trees ending in capillaries; `min_vessel_width = vessel_width` gives a few
+    /// thick unbranched vessels of constant width (a fixture that a model with a coarse output
+    /// stride can draw exactly).
+    pub min_vessel_width: f32,
 }
 
 impl Default for SyntheticConfig {
@@ -115,6 +120,7 @@ impl Default for SyntheticConfig {
             height: 128,
             seed: 7,
             vessel_width: 5.0,
+            min_vessel_width: 1.0,
         }
     }
 }
@@ -443,6 +449,15 @@ impl Experiment {
                 bad(
                     "data.synthetic.vessel_width",
                     format!("{} must be > 0", s.vessel_width),
+                );
+            }
+            if !(s.min_vessel_width > 0.0 && s.min_vessel_width <= s.vessel_width.max(1.0)) {
+                bad(
+                    "data.synthetic.min_vessel_width",
+                    format!(
+                        "{} must be > 0 and at most data.synthetic.vessel_width = {}",
+                        s.min_vessel_width, s.vessel_width
+                    ),
                 );
             }
         } else if d.root.is_empty() {

@@ -181,15 +181,23 @@ pub struct Builder {
     store: ParamStore,
     rng: StdRng,
     device: Device,
+    dtype: DType,
 }
 
 impl Builder {
-    /// A builder whose random numbers all derive from `seed`.
+    /// A builder of f32 parameters whose random numbers all derive from `seed`.
     pub fn new(device: &Device, seed: u64) -> Self {
+        Self::with_dtype(device, seed, DType::F32)
+    }
+
+    /// Like [`Self::new`], with parameters and buffers of `dtype` (the values are drawn in f32
+    /// and converted, so an f64 model starts from the same numbers as the f32 one).
+    pub fn with_dtype(device: &Device, seed: u64, dtype: DType) -> Self {
         Self {
             store: ParamStore::default(),
             rng: StdRng::seed_from_u64(seed),
             device: device.clone(),
+            dtype,
         }
     }
 
@@ -210,7 +218,8 @@ impl Builder {
         shape: &[usize],
         trainable: bool,
     ) -> Result<Var> {
-        let var = Var::from_tensor(&Tensor::from_vec(data, shape, &self.device)?)?;
+        let var =
+            Var::from_tensor(&Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?)?;
         self.store.entries.push(Entry::Var {
             name,
             var: var.clone(),

@@ -15,7 +15,7 @@ pub mod unet;
 use std::collections::HashMap;
 
 use anyhow::Context;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::schema::{Arch, ModelConfig};
 use deeplabv3::DeepLabV3;
@@ -43,10 +43,22 @@ impl SegModel {
     /// `seed` (same seed, same weights). `cfg.pretrained` is *not* loaded here: call
     /// [`checkpoint::load_pretrained`].
     pub fn new(cfg: &ModelConfig, device: &Device, seed: u64) -> anyhow::Result<Self> {
+        Self::with_dtype(cfg, device, seed, DType::F32)
+    }
+
+    /// Like [`Self::new`] with parameters and buffers of `dtype`. Training and inference use
+    /// f32; f64 (CPU) is for checks that must be free of float32 rounding, such as whole-model
+    /// parity with a float64 PyTorch forward. Inputs must then be f64 too.
+    pub fn with_dtype(
+        cfg: &ModelConfig,
+        device: &Device,
+        seed: u64,
+        dtype: DType,
+    ) -> anyhow::Result<Self> {
         if cfg.num_classes == 0 {
             anyhow::bail!("model.num_classes must be at least 1");
         }
-        let mut b = Builder::new(device, seed);
+        let mut b = Builder::with_dtype(device, seed, dtype);
         let net = match cfg.arch {
             Arch::Deeplabv3 => Net::DeepLabV3(Box::new(
                 DeepLabV3::new(&mut b, cfg.backbone, cfg.num_classes).with_context(|| {
