@@ -69,6 +69,30 @@ impl PoolGeom {
         best
     }
 
+    /// [`PoolGeom::argmax`] for the 2×2, stride-2, unpadded pool (the U-Net's): four loads and
+    /// three comparisons, no window arithmetic.
+    #[inline]
+    fn argmax_2x2<T: WithDType>(&self, plane: &[T], oh: usize, ow: usize) -> usize {
+        let i = 2 * oh * self.w + 2 * ow;
+        let mut best = i;
+        for j in [i + 1, i + self.w, i + self.w + 1] {
+            if plane[j] > plane[best] {
+                best = j;
+            }
+        }
+        best
+    }
+
+    /// The window argmax, through the 2×2 fast path when it applies.
+    #[inline]
+    fn argmax_any<T: WithDType>(&self, plane: &[T], oh: usize, ow: usize) -> usize {
+        if self.kernel == 2 && self.stride == 2 && self.padding == 0 {
+            self.argmax_2x2(plane, oh, ow)
+        } else {
+            self.argmax(plane, oh, ow)
+        }
+    }
+
     fn out_shape(&self, x: &Shape) -> Result<Shape> {
         let (n, c, _, _) = x.dims4()?;
         Ok(Shape::from((n, c, self.ho, self.wo)))
@@ -90,7 +114,7 @@ fn pool_fwd<T: WithDType>(g: &PoolGeom, x: &[T]) -> Vec<T> {
         .for_each(|(yp, xp)| {
             for oh in 0..g.ho {
                 for ow in 0..g.wo {
-                    yp[oh * g.wo + ow] = xp[g.argmax(xp, oh, ow)];
+                    yp[oh * g.wo + ow] = xp[g.argmax_any(xp, oh, ow)];
                 }
             }
         });
@@ -105,7 +129,7 @@ fn pool_bwd<T: WithDType>(g: &PoolGeom, x: &[T], gy: &[T]) -> Vec<T> {
         .for_each(|(gxp, (xp, gyp))| {
             for oh in 0..g.ho {
                 for ow in 0..g.wo {
-                    gxp[g.argmax(xp, oh, ow)] += gyp[oh * g.wo + ow];
+                    gxp[g.argmax_any(xp, oh, ow)] += gyp[oh * g.wo + ow];
                 }
             }
         });
@@ -201,4 +225,32 @@ pub(crate) fn max_pool2d(
         x.clone()
     };
     x.max_pool2d_with_stride(kernel, stride)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 2×2 fast path picks the same element as the general window scan, ties included
+    /// (first maximum in scan order), on odd and even sizes.
+    #[test]
+    fn fast_2x2_argmax_matches_general() {
+        for (h, w) in [(6, 8), (7, 9), (2, 2)] {
+            let g = PoolGeom::new(&Shape::from((1, 1, h, w)), 2, 2, 0).unwrap();
+            // Few distinct values, so that ties are frequent.
+            let plane: Vec<f32> = (0..h * w).map(|i| ((i * 7 + i / 3) % 4) as f32).collect();
+            let mut ties = 0;
+            for oh in 0..g.ho {
+                for ow in 0..g.wo {
+                    let a = g.argmax_2x2(&plane, oh, ow);
+                    assert_eq!(a, g.argmax(&plane, oh, ow), "{h}x{w} at {oh},{ow}");
+                    let i = 2 * oh * w + 2 * ow;
+                    let window = [i, i + 1, i + w, i + w + 1];
+                    ties +=
+                        usize::from(window.iter().filter(|&&j| plane[j] == plane[a]).count() > 1);
+                }
+            }
+            assert!(ties > 0 || h == 2, "{h}x{w}: no ties exercised");
+        }
+    }
 }
