@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device};
 use driveline::config::schema::{Arch, Backbone, ModelConfig, Normalize};
 use driveline::model::checkpoint::{self, Preprocess};
-use driveline::model::{Net, SegModel};
+use driveline::model::{Net, Pass, SegModel};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     };
     let head = net
         .classifier
-        .forward(&net.backbone.forward(&x, false)?, false)?;
+        .forward(&net.backbone.forward(&x, Pass::Eval)?, Pass::Eval)?;
     candle_core::safetensors::save(
         &std::collections::HashMap::from([
             ("logits".to_string(), logits),

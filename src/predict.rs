@@ -8,6 +8,9 @@
 //!   by reflection to the network's stride, or in overlapping tiles for large images.
 //!
 //! Optional test-time augmentation averages with the horizontally flipped prediction.
+//!
+//! Every prediction runs [`SegModel::infer`]: eval mode on detached parameters, so no autograd
+//! graph is kept and each activation is freed as soon as its consumer ran.
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
@@ -52,7 +55,7 @@ impl Predictor<'_> {
         } else {
             x.clone()
         };
-        let y = self.model.forward(&xp, false)?;
+        let y = self.model.infer(&xp)?;
         Ok(y.narrow(2, 0, h)?.narrow(3, 0, w)?)
     }
 
@@ -70,9 +73,9 @@ impl Predictor<'_> {
         } else {
             x.clone()
         };
-        let mut p = vessel_prob(&self.model.forward(&xp, false)?)?;
+        let mut p = vessel_prob(&self.model.infer(&xp)?)?;
         if self.tta {
-            let pf = flip_w(&vessel_prob(&self.model.forward(&flip_w(&xp)?, false)?)?)?;
+            let pf = flip_w(&vessel_prob(&self.model.infer(&flip_w(&xp)?)?)?)?;
             p = ((p + pf)? * 0.5)?;
         }
         Ok(p.narrow(2, 0, h)?.narrow(3, 0, w)?)

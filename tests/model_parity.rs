@@ -76,7 +76,9 @@ fn dilated_bottleneck_with_downsample_matches_torchvision() {
     let t = section("model_blocks.safetensors", "a");
     let mut b = Builder::new(&Device::Cpu, 0);
     let block = Bottleneck::new(&mut b, "", 8, 4, 1, 2, true).unwrap();
-    check(&b.finish(), &t, |x, train| block.forward(x, train).unwrap());
+    check(&b.finish(), &t, |x, train| {
+        block.forward(x, train.into()).unwrap()
+    });
 }
 
 #[test]
@@ -84,7 +86,9 @@ fn strided_bottleneck_matches_torchvision() {
     let t = section("model_blocks.safetensors", "b");
     let mut b = Builder::new(&Device::Cpu, 0);
     let block = Bottleneck::new(&mut b, "", 8, 4, 2, 1, true).unwrap();
-    check(&b.finish(), &t, |x, train| block.forward(x, train).unwrap());
+    check(&b.finish(), &t, |x, train| {
+        block.forward(x, train.into()).unwrap()
+    });
 }
 
 #[test]
@@ -92,7 +96,9 @@ fn strided_basic_block_matches_torchvision() {
     let t = section("model_blocks.safetensors", "c");
     let mut b = Builder::new(&Device::Cpu, 0);
     let block = BasicBlock::new(&mut b, "", 8, 4, 2, 1, true).unwrap();
-    check(&b.finish(), &t, |x, train| block.forward(x, train).unwrap());
+    check(&b.finish(), &t, |x, train| {
+        block.forward(x, train.into()).unwrap()
+    });
 }
 
 #[test]
@@ -101,7 +107,9 @@ fn aspp_matches_torchvision() {
     let mut b = Builder::new(&Device::Cpu, 0);
     // Dropout 0: the train-mode reference was computed with p = 0 (PyTorch's masks differ).
     let aspp = Aspp::new(&mut b, "", 16, [2, 3, 5], 8, 0.0).unwrap();
-    check(&b.finish(), &t, |x, train| aspp.forward(x, train).unwrap());
+    check(&b.finish(), &t, |x, train| {
+        aspp.forward(x, train.into()).unwrap()
+    });
 }
 
 #[test]
@@ -109,7 +117,9 @@ fn deeplab_head_matches_torchvision() {
     let t = section("model_aspp.safetensors", "head");
     let mut b = Builder::new(&Device::Cpu, 0);
     let head = DeepLabHead::new(&mut b, "", 16, 2, 8, [2, 3, 5], 0.0).unwrap();
-    check(&b.finish(), &t, |x, train| head.forward(x, train).unwrap());
+    check(&b.finish(), &t, |x, train| {
+        head.forward(x, train.into()).unwrap()
+    });
 }
 
 #[test]
@@ -126,7 +136,9 @@ fn unet_matches_reference_script() {
         .cloned()
         .collect();
     assert_eq!(ours, theirs);
-    check(&store, &t, |x, train| unet.forward(x, train).unwrap());
+    check(&store, &t, |x, train| {
+        unet.forward(x, train.into()).unwrap()
+    });
 }
 
 #[test]

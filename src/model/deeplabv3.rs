@@ -8,7 +8,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::layers::{join, BatchNorm, Builder, Conv2d, ConvBnRelu, Dropout, Init};
+use super::layers::{join, BatchNorm, Builder, Conv2d, ConvBnRelu, Dropout, Init, Pass};
 use super::ops;
 use super::resnet::ResNet;
 use crate::config::schema::Backbone;
@@ -103,21 +103,22 @@ impl Aspp {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let mut outs = Vec::with_capacity(5);
         for branch in &self.branches {
-            outs.push(branch.forward(x, train)?);
+            outs.push(branch.forward(x, pass)?);
         }
         let (n, _, h, w) = x.dims4()?;
         let pooled = x.mean_keepdim((2, 3))?;
         let pooled = self
             .pool_bn
-            .forward_relu(&self.pool_conv.forward(&pooled)?, train)?;
+            .forward_relu(&self.pool_conv.forward(&pooled, pass)?, pass)?;
         let c = pooled.dim(1)?;
         outs.push(pooled.broadcast_as((n, c, h, w))?.contiguous()?);
         let cat = Tensor::cat(&outs, 1)?;
-        let y = self.project.forward(&cat, train)?;
-        self.dropout.forward(&y, train)
+        drop(outs);
+        let y = self.project.forward(&cat, pass)?;
+        self.dropout.forward(&y, pass.is_train())
     }
 }
 
@@ -172,10 +173,10 @@ impl DeepLabHead {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.aspp.forward(x, train)?;
-        let y = self.conv.forward(&y, train)?;
-        self.classifier.forward(&y)
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let y = self.aspp.forward(x, pass)?;
+        let y = self.conv.forward(&y, pass)?;
+        self.classifier.forward(&y, pass)
     }
 }
 
@@ -206,10 +207,10 @@ impl DeepLabV3 {
     }
 
     /// [N, 3, H, W] → logits [N, num_classes, H, W].
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let features = self.backbone.forward(x, train)?;
-        let logits = self.classifier.forward(&features, train)?;
+        let features = self.backbone.forward(x, pass)?;
+        let logits = self.classifier.forward(&features, pass)?;
         ops::resize_bilinear(&logits, h, w)
     }
 }

@@ -16,6 +16,52 @@ use rand_distr::{Distribution, Normal};
 
 use super::ops;
 
+/// What a forward pass is for: which BatchNorm statistics and dropout it uses, and whether it
+/// records the autograd graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    /// Training: batch statistics (the running ones and `num_batches_tracked` updated), dropout
+    /// on; the graph through the parameters is recorded.
+    Train,
+    /// Evaluation with the graph recorded: running statistics, no dropout, and gradients of the
+    /// output with respect to the parameters remain available (every activation stays alive
+    /// until the output is dropped).
+    Eval,
+    /// Inference: [`Pass::Eval`] on detached parameters, so that no graph is kept and each
+    /// activation is freed as soon as its consumer ran; BatchNorm, ReLU and residual additions
+    /// overwrite the fresh convolution outputs instead of allocating new tensors. The outputs
+    /// are bitwise those of [`Pass::Eval`]. (An input that itself tracks a graph keeps tracking
+    /// it, through the non-in-place paths.)
+    Infer,
+}
+
+impl Pass {
+    /// Whether BatchNorm uses batch statistics and dropout is active.
+    pub fn is_train(self) -> bool {
+        self == Pass::Train
+    }
+
+    /// The tensor of a parameter as this pass uses it: detached for inference (shared
+    /// storage, no copy), the variable itself otherwise.
+    pub fn param(self, v: &Var) -> Tensor {
+        match self {
+            Pass::Infer => v.as_tensor().detach(),
+            Pass::Train | Pass::Eval => v.as_tensor().clone(),
+        }
+    }
+}
+
+impl From<bool> for Pass {
+    /// `true` → [`Pass::Train`], `false` → [`Pass::Eval`] (the graph-recording evaluation).
+    fn from(train: bool) -> Self {
+        if train {
+            Pass::Train
+        } else {
+            Pass::Eval
+        }
+    }
+}
+
 /// Joins a module path and a child name the way PyTorch names `state_dict` keys.
 pub fn join(prefix: &str, name: &str) -> String {
     if prefix.is_empty() {
@@ -358,11 +404,11 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         ops::conv2d(
             x,
-            self.weight.as_tensor(),
-            self.bias.as_ref().map(|b| b.as_tensor()),
+            &pass.param(&self.weight),
+            self.bias.as_ref().map(|b| pass.param(b)).as_ref(),
             self.stride,
             self.padding,
             self.dilation,
@@ -379,11 +425,11 @@ pub struct ConvTranspose2d {
 }
 
 impl ConvTranspose2d {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         ops::conv_transpose2d(
             x,
-            self.weight.as_tensor(),
-            Some(self.bias.as_tensor()),
+            &pass.param(&self.weight),
+            Some(&pass.param(&self.bias)),
             self.stride,
         )
     }
@@ -398,20 +444,54 @@ pub struct BatchNorm {
 }
 
 impl BatchNorm {
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        match pass {
+            Pass::Train => {
+                self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+                self.inner.forward(x, true)
+            }
+            Pass::Eval => self.inner.forward(x, false),
+            Pass::Infer => self.inner.forward_inference(x),
         }
-        self.inner.forward(x, train)
     }
 
-    /// `relu(self.forward(x, train))`, fused into one op when training on CPU.
-    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+    /// `relu(self.forward(x, pass))`; in training on CPU one fused op.
+    pub fn forward_relu(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        match pass {
+            Pass::Train => {
+                self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+                self.inner.forward_relu(x, true)
+            }
+            Pass::Eval => self.inner.forward_relu(x, false),
+            Pass::Infer => ops::relu(&self.inner.forward_inference(x)?),
         }
-        self.inner.forward_relu(x, train)
     }
+
+    /// `self.forward(y, pass)`, optionally followed by ReLU; for [`Pass::Infer`] written over
+    /// `y` itself, which must therefore be a fresh layer output that no other tensor shares
+    /// (a convolution's result).
+    fn forward_fresh(&self, y: Tensor, pass: Pass, relu: bool) -> Result<Tensor> {
+        if pass == Pass::Infer {
+            return self.inner.forward_inference_in_place(y, relu);
+        }
+        if relu {
+            self.forward_relu(&y, pass)
+        } else {
+            self.forward(&y, pass)
+        }
+    }
+}
+
+/// Convolution → BatchNorm (→ ReLU), for [`Pass::Infer`] normalised in place on the
+/// convolution's output.
+pub fn conv_bn(
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    x: &Tensor,
+    pass: Pass,
+    relu: bool,
+) -> Result<Tensor> {
+    bn.forward_fresh(conv.forward(x, pass)?, pass, relu)
 }
 
 /// Convolution → BatchNorm → ReLU, the unit every network here is made of.
@@ -422,8 +502,8 @@ pub struct ConvBnRelu {
 }
 
 impl ConvBnRelu {
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_relu(&self.conv.forward(x)?, train)
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        conv_bn(&self.conv, &self.bn, x, pass, true)
     }
 }
 

@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::schema::{Arch, ModelConfig};
 use deeplabv3::DeepLabV3;
+pub use layers::Pass;
 use layers::{Builder, ParamStore};
 use unet::UNet;
 
@@ -81,10 +82,25 @@ impl SegModel {
     /// [N, 3, H, W] → logits [N, num_classes, H, W]. `train` selects batch statistics for
     /// BatchNorm (updating running stats and `num_batches_tracked`) and enables dropout.
     /// U-Net inputs must be multiples of [`Self::stride`].
+    ///
+    /// Both modes record the autograd graph through the parameters; to predict without
+    /// training, use [`Self::infer`].
     pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.forward_pass(x, train.into())
+    }
+
+    /// Eval-mode logits on detached parameters ([`Pass::Infer`]): no autograd graph is kept,
+    /// so every activation is freed as soon as its consumer ran (peak memory of a few
+    /// activations instead of all of them). Bitwise equal to `forward(x, false)`.
+    pub fn infer(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_pass(x, Pass::Infer)
+    }
+
+    /// The forward pass of the given kind (see [`Pass`]).
+    pub fn forward_pass(&self, x: &Tensor, pass: Pass) -> candle_core::Result<Tensor> {
         match &self.net {
-            Net::DeepLabV3(m) => m.forward(x, train),
-            Net::UNet(m) => m.forward(x, train),
+            Net::DeepLabV3(m) => m.forward(x, pass),
+            Net::UNet(m) => m.forward(x, pass),
         }
     }
 

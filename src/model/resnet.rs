@@ -9,7 +9,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::layers::{join, BatchNorm, Builder, Conv2d, Init};
+use super::layers::{conv_bn, join, BatchNorm, Builder, Conv2d, Init, Pass};
 use super::ops;
 use crate::config::schema::Backbone;
 
@@ -37,8 +37,18 @@ impl Downsample {
         Ok(Self { conv, bn })
     }
 
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?, train)
+    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        conv_bn(&self.conv, &self.bn, x, pass, false)
+    }
+}
+
+/// The end of a residual block: `relu(y + identity)`, for [`Pass::Infer`] written over `y`
+/// (the block's last BatchNorm output, fresh).
+fn residual_relu(y: Tensor, identity: &Tensor, pass: Pass) -> Result<Tensor> {
+    if pass == Pass::Infer {
+        ops::add_relu_in_place(y, identity)
+    } else {
+        ops::add_relu(&y, identity)
     }
 }
 
@@ -99,14 +109,14 @@ impl BasicBlock {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
-        let y = self.bn2.forward(&self.conv2.forward(&y)?, train)?;
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let y = conv_bn(&self.conv1, &self.bn1, x, pass, true)?;
+        let y = conv_bn(&self.conv2, &self.bn2, &y, pass, false)?;
         let identity = match &self.downsample {
-            Some(d) => d.forward(x, train)?,
+            Some(d) => d.forward(x, pass)?,
             None => x.clone(),
         };
-        ops::add_relu(&y, &identity)
+        residual_relu(y, &identity, pass)
     }
 }
 
@@ -183,15 +193,15 @@ impl Bottleneck {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
-        let y = self.bn2.forward_relu(&self.conv2.forward(&y)?, train)?;
-        let y = self.bn3.forward(&self.conv3.forward(&y)?, train)?;
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let y = conv_bn(&self.conv1, &self.bn1, x, pass, true)?;
+        let y = conv_bn(&self.conv2, &self.bn2, &y, pass, true)?;
+        let y = conv_bn(&self.conv3, &self.bn3, &y, pass, false)?;
         let identity = match &self.downsample {
-            Some(d) => d.forward(x, train)?,
+            Some(d) => d.forward(x, pass)?,
             None => x.clone(),
         };
-        ops::add_relu(&y, &identity)
+        residual_relu(y, &identity, pass)
     }
 }
 
@@ -203,10 +213,10 @@ pub enum Block {
 }
 
 impl Block {
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         match self {
-            Block::Basic(b) => b.forward(x, train),
-            Block::Bottleneck(b) => b.forward(x, train),
+            Block::Basic(b) => b.forward(x, pass),
+            Block::Bottleneck(b) => b.forward(x, pass),
         }
     }
 }
@@ -297,12 +307,12 @@ impl ResNet {
     }
 
     /// [N, 3, H, W] → layer4 features [N, out_channels, ⌈H/os⌉, ⌈W/os⌉] (PyTorch's rounding).
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let x = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let x = conv_bn(&self.conv1, &self.bn1, x, pass, true)?;
         let mut x = ops::max_pool2d(&x, 3, 2, 1)?;
         for layer in &self.layers {
             for block in layer {
-                x = block.forward(&x, train)?;
+                x = block.forward(&x, pass)?;
             }
         }
         Ok(x)

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use super::checkpoint::{self, Preprocess};
 use super::layers::Dropout;
 use super::resnet::{Block, ResNet};
-use super::{Net, SegModel};
+use super::{Net, Pass, SegModel};
 use crate::config::schema::{Arch, Backbone, ModelConfig, Normalize, Upsample};
 
 fn deeplab(backbone: Backbone) -> ModelConfig {
@@ -436,10 +436,10 @@ fn every_trainable_parameter_gets_a_gradient() {
     let mut x = Tensor::randn(0f32, 1f32, (2, 64, 8, 8), &Device::Cpu).unwrap();
     for layer in &net.backbone.layers {
         for block in layer {
-            x = block.forward(&x, true).unwrap();
+            x = block.forward(&x, Pass::Train).unwrap();
         }
     }
-    let y = net.classifier.forward(&x, true).unwrap();
+    let y = net.classifier.forward(&x, Pass::Train).unwrap();
     let except = ["backbone.conv1", "backbone.bn1"];
     assert_gradients(&m, &y.sqr().unwrap().mean_all().unwrap(), &except);
 }
@@ -455,4 +455,84 @@ fn load_pretrained_explains_legacy_pth_files() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("legacy"), "{err}");
+}
+
+/// The bits of an f32 tensor, for exact comparisons.
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect()
+}
+
+fn state_bits(m: &SegModel) -> Vec<(String, Vec<u8>)> {
+    m.state_dict()
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| {
+            let v = match t.dtype() {
+                DType::I64 => t.to_scalar::<i64>().unwrap().to_le_bytes().to_vec(),
+                _ => bits(&t).iter().flat_map(|b| b.to_le_bytes()).collect(),
+            };
+            (k, v)
+        })
+        .collect()
+}
+
+/// `infer` (detached parameters, in-place BatchNorm/ReLU/residual) keeps no autograd graph,
+/// gives bitwise the logits of the graph-recording eval forward, and changes no parameter or
+/// buffer, for DeepLabV3 (basic blocks, ASPP) and both U-Net decoders.
+#[test]
+fn inference_keeps_no_graph_and_matches_the_eval_forward_bitwise() {
+    let models = [
+        SegModel::new(&deeplab(Backbone::Resnet18), &Device::Cpu, 0).unwrap(),
+        SegModel::new(&unet(&[4, 8, 16], Upsample::Transpose), &Device::Cpu, 1).unwrap(),
+        SegModel::new(&unet(&[4, 8], Upsample::Bilinear), &Device::Cpu, 2).unwrap(),
+    ];
+    for m in models {
+        // Move the running statistics off their initial values.
+        m.forward(&input(2, 32, 32), true).unwrap();
+        let x = input(1, 40, 48);
+        let x_bits = bits(&x);
+        let state = state_bits(&m);
+        let eval = m.forward(&x, false).unwrap();
+        assert!(eval.track_op(), "the eval forward records the graph");
+        let inferred = m.infer(&x).unwrap();
+        assert!(!inferred.track_op(), "inference must keep no graph");
+        assert_eq!(bits(&inferred), bits(&eval), "inference differs from eval");
+        assert_eq!(bits(&x), x_bits, "the input was modified");
+        assert!(state == state_bits(&m), "inference changed the state_dict");
+    }
+}
+
+/// Bottlenecks (ResNet-50/101) with and without a downsample: inference matches the eval
+/// forward bitwise, keeps no graph, and the in-place residual addition leaves the block's
+/// input (its identity branch) untouched.
+#[test]
+fn bottleneck_inference_matches_eval_and_leaves_the_identity_alone() {
+    use super::layers::Builder;
+    use super::resnet::Bottleneck;
+    let mut b = Builder::new(&Device::Cpu, 5);
+    let first = Bottleneck::new(&mut b, "0", 8, 4, 1, 2, true).unwrap();
+    let second = Bottleneck::new(&mut b, "1", 16, 4, 1, 2, false).unwrap();
+    let x = Tensor::randn(0f32, 1f32, (2, 8, 9, 11), &Device::Cpu).unwrap();
+    let h = first.forward(&x, Pass::Train).unwrap();
+    second.forward(&h, Pass::Train).unwrap();
+    let run = |pass| {
+        let h = first.forward(&x, pass).unwrap();
+        let h_bits = bits(&h);
+        let y = second.forward(&h, pass).unwrap();
+        assert_eq!(
+            bits(&h),
+            h_bits,
+            "{pass:?}: the identity branch was modified"
+        );
+        y
+    };
+    let (eval, inferred) = (run(Pass::Eval), run(Pass::Infer));
+    assert!(eval.track_op() && !inferred.track_op());
+    assert_eq!(bits(&inferred), bits(&eval));
 }

@@ -8,7 +8,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::layers::{join, Builder, Conv2d, ConvBnRelu, ConvTranspose2d, Init};
+use super::layers::{join, Builder, Conv2d, ConvBnRelu, ConvTranspose2d, Init, Pass};
 use super::ops;
 use crate::config::schema::Upsample;
 
@@ -41,8 +41,8 @@ impl DoubleConv {
         Ok(Self { first, second })
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.second.forward(&self.first.forward(x, train)?, train)
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        self.second.forward(&self.first.forward(x, pass)?, pass)
     }
 }
 
@@ -56,12 +56,12 @@ pub enum Up {
 }
 
 impl Up {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         match self {
-            Up::Transpose(t) => t.forward(x),
+            Up::Transpose(t) => t.forward(x, pass),
             Up::Bilinear(conv) => {
                 let (_, _, h, w) = x.dims4()?;
-                conv.forward(&ops::resize_bilinear(x, 2 * h, 2 * w)?)
+                conv.forward(&ops::resize_bilinear(x, 2 * h, 2 * w)?, pass)
             }
         }
     }
@@ -142,7 +142,7 @@ impl UNet {
     }
 
     /// [N, 3, H, W] → logits [N, num_classes, H, W]; H and W must be multiples of [`Self::stride`].
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let s = self.stride();
         if h % s != 0 || w % s != 0 {
@@ -152,7 +152,7 @@ impl UNet {
         let mut x = x.clone();
         let last = self.downs.len() - 1;
         for (i, down) in self.downs.iter().enumerate() {
-            x = down.forward(&x, train)?;
+            x = down.forward(&x, pass)?;
             if i < last {
                 skips.push(x.clone());
                 x = ops::max_pool2d(&x, 2, 2, 0)?;
@@ -162,8 +162,8 @@ impl UNet {
             let skip = skips
                 .pop()
                 .ok_or_else(|| candle_core::Error::Msg("U-Net: no skip left".into()))?;
-            x = dec.forward(&Tensor::cat(&[up.forward(&x)?, skip], 1)?, train)?;
+            x = dec.forward(&Tensor::cat(&[up.forward(&x, pass)?, skip], 1)?, pass)?;
         }
-        self.head.forward(&x)
+        self.head.forward(&x, pass)
     }
 }

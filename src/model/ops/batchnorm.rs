@@ -108,12 +108,124 @@ impl BatchNorm2d {
     }
 
     fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {
-        let shape = (1, (), 1, 1);
-        let inv = (self.running_var.as_tensor() + self.eps)?.sqrt()?.recip()?;
-        let scale = (self.weight.as_tensor() * inv)?;
-        let shift = (self.bias.as_tensor() - (self.running_mean.as_tensor() * &scale)?)?;
-        x.broadcast_mul(&scale.reshape(shape)?)?
-            .broadcast_add(&shift.reshape(shape)?)
+        let (scale, shift) = self.eval_affine(false)?;
+        apply_affine(x, &scale, &shift)
+    }
+
+    /// Eval-mode scale `w / sqrt(running_var + eps)` and shift `b - running_mean * scale`
+    /// [C], from the parameters themselves or (`detached`) from detached views of them.
+    fn eval_affine(&self, detached: bool) -> Result<(Tensor, Tensor)> {
+        let p = |v: &Var| {
+            if detached {
+                v.as_tensor().detach()
+            } else {
+                v.as_tensor().clone()
+            }
+        };
+        let inv = (p(&self.running_var) + self.eps)?.sqrt()?.recip()?;
+        let scale = (p(&self.weight) * inv)?;
+        let shift = (p(&self.bias) - (p(&self.running_mean) * &scale)?)?;
+        Ok((scale, shift))
+    }
+
+    /// Eval mode (running statistics) for inference: the parameters are detached, so the
+    /// result keeps no reference to `x` unless `x` itself tracks a graph. Bitwise equal to
+    /// `forward(x, false)`.
+    pub fn forward_inference(&self, x: &Tensor) -> Result<Tensor> {
+        let (scale, shift) = self.eval_affine(true)?;
+        apply_affine(x, &scale, &shift)
+    }
+
+    /// [`Self::forward_inference`], optionally followed by ReLU, written over `x`'s own
+    /// storage on CPU (f32/f64, contiguous, `x` tracking no graph): no allocation and one
+    /// pass. `x` must be a fresh layer output that no tensor still in use shares storage with
+    /// (a convolution's result). Elsewhere this falls back to the allocating tensor ops.
+    /// Either way the values are bitwise those of `forward(x, false)` (then ReLU).
+    pub fn forward_inference_in_place(&self, x: Tensor, relu: bool) -> Result<Tensor> {
+        let (scale, shift) = self.eval_affine(true)?;
+        let c = x.dim(1)?;
+        let in_place = fused(&x)
+            && !x.track_op()
+            && x.is_contiguous()
+            && x.rank() == 4
+            && scale.dtype() == x.dtype()
+            && shift.dtype() == x.dtype()
+            && scale.elem_count() == c;
+        if !in_place {
+            let y = apply_affine(&x, &scale, &shift)?;
+            return if relu { super::relu::relu(&y) } else { Ok(y) };
+        }
+        x.inplace_op3(
+            &scale.contiguous()?,
+            &shift.contiguous()?,
+            &AffineInPlace { relu },
+        )?;
+        Ok(x)
+    }
+}
+
+/// `x * scale + shift` per channel (two broadcast passes, as PyTorch's eval formula).
+fn apply_affine(x: &Tensor, scale: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let shape = (1, (), 1, 1);
+    x.broadcast_mul(&scale.reshape(shape)?)?
+        .broadcast_add(&shift.reshape(shape)?)
+}
+
+/// In place: `x = x * scale + shift` per channel (rounded after the product, as the two
+/// tensor ops of [`apply_affine`]), then `max(x, 0)` if `relu`.
+struct AffineInPlace {
+    relu: bool,
+}
+
+impl AffineInPlace {
+    fn run<T: WithDType>(&self, x: &mut [T], scale: &[T], shift: &[T], hw: usize) {
+        let c = scale.len();
+        let zero = T::from_f64(0.0);
+        let relu = self.relu;
+        x.par_chunks_mut(hw.max(1))
+            .enumerate()
+            .for_each(|(i, plane)| {
+                let (s, t) = (scale[i % c], shift[i % c]);
+                for v in plane {
+                    let y = *v * s + t;
+                    // As the ReLU op: `y > 0 ? y : 0` (NaN and -0 become 0).
+                    *v = if !relu || y > zero { y } else { zero };
+                }
+            });
+    }
+}
+
+impl candle_core::InplaceOp3 for AffineInPlace {
+    fn name(&self) -> &'static str {
+        "driveline-batchnorm-eval-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let (_, c, h, w) = dst_l.shape().dims4()?;
+        if l2.shape().elem_count() != c || l3.shape().elem_count() != c {
+            candle_core::bail!("BatchNorm2d: scale/shift must have {c} elements");
+        }
+        let Some((a, b)) = dst_l.contiguous_offsets() else {
+            candle_core::bail!("BatchNorm2d: in-place input must be contiguous");
+        };
+        match dst {
+            CpuStorage::F32(x) => {
+                self.run(&mut x[a..b], cpu_slice(s2, l2)?, cpu_slice(s3, l3)?, h * w)
+            }
+            CpuStorage::F64(x) => {
+                self.run(&mut x[a..b], cpu_slice(s2, l2)?, cpu_slice(s3, l3)?, h * w)
+            }
+            _ => candle_core::bail!("BatchNorm2d: in-place path needs f32 or f64"),
+        }
+        Ok(())
     }
 }
 
@@ -443,6 +555,41 @@ mod tests {
         let g2 = (y2 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [x.as_tensor(), bn.weight.as_tensor(), bn.bias.as_tensor()] {
             assert!(max_diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-12);
+        }
+    }
+
+    /// The in-place inference path (and its fallback for an input that tracks a graph) gives
+    /// bitwise the eval forward, with and without the fused ReLU.
+    #[test]
+    fn inference_in_place_matches_eval_bitwise() {
+        let dev = Device::Cpu;
+        let b = bn(4);
+        for relu in [false, true] {
+            let x = Tensor::randn(0.5f64, 2.0, (3, 4, 5, 6), &dev).unwrap();
+            let mut want = b.forward(&x, false).unwrap();
+            if relu {
+                want = super::super::relu::relu(&want).unwrap();
+            }
+            let bits = |t: &Tensor| -> Vec<u64> {
+                let v: Vec<f64> = t.flatten_all().unwrap().to_vec1().unwrap();
+                v.iter().map(|f| f.to_bits()).collect()
+            };
+            let got = b
+                .forward_inference_in_place(x.copy().unwrap(), relu)
+                .unwrap();
+            assert!(!got.track_op());
+            assert_eq!(bits(&got), bits(&want), "in place, relu {relu}");
+            let xv = Var::from_tensor(&x).unwrap();
+            let got = b
+                .forward_inference_in_place(xv.as_tensor().clone(), relu)
+                .unwrap();
+            assert!(got.track_op(), "a tracked input keeps its graph");
+            assert_eq!(bits(&got), bits(&want), "fallback, relu {relu}");
+            assert_eq!(
+                bits(xv.as_tensor()),
+                bits(&x),
+                "a tracked input was modified"
+            );
         }
     }
 

@@ -73,6 +73,13 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     relu::add_relu(a, b)
 }
 
+/// `relu(y + r)` for inference, written over `y`'s storage where it can be (CPU f32/f64,
+/// contiguous, no graph tracked by either): `y` must be a fresh result that no tensor still in
+/// use shares storage with. Bitwise equal to `relu(&(y + r)?)`, which it falls back to.
+pub fn add_relu_in_place(y: Tensor, r: &Tensor) -> Result<Tensor> {
+    relu::add_relu_in_place(y, r)
+}
+
 /// Max pooling with square `kernel`, `stride` and implicit -inf `padding` (PyTorch's `max_pool2d`,
 /// floor mode). The gradient goes to the first maximum of each window in scan order, as in
 /// PyTorch.

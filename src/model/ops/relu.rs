@@ -136,16 +136,9 @@ impl CustomOp2 for AddRelu {
             );
         }
         fn add_relu<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
-            let zero = T::from_f64(0.0);
-            let mut y = vec![zero; a.len()];
-            y.par_chunks_mut(CHUNK)
-                .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
-                .for_each(|(y, (a, b))| {
-                    for ((d, &u), &v) in y.iter_mut().zip(a).zip(b) {
-                        let s = u + v;
-                        *d = if s > zero { s } else { zero };
-                    }
-                });
+            // A copy instead of the zero fill an output buffer needs anyway.
+            let mut y = a.to_vec();
+            add_relu_into(&mut y, b);
             y
         }
         let n = self.name();
@@ -194,6 +187,68 @@ pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
     } else {
         x.relu()
     }
+}
+
+/// In place: `y = max(y + r, 0)` elementwise (the residual addition of a ResNet block).
+struct AddReluInPlace;
+
+fn add_relu_into<T: WithDType>(y: &mut [T], r: &[T]) {
+    let zero = T::from_f64(0.0);
+    y.par_chunks_mut(CHUNK)
+        .zip(r.par_chunks(CHUNK))
+        .for_each(|(y, r)| {
+            for (d, &b) in y.iter_mut().zip(r) {
+                let s = *d + b;
+                *d = if s > zero { s } else { zero };
+            }
+        });
+}
+
+impl candle_core::InplaceOp2 for AddReluInPlace {
+    fn name(&self) -> &'static str {
+        "driveline-add-relu-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let n = self.name();
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("{n}: shapes {:?} / {:?}", l1.shape(), l2.shape());
+        }
+        let Some((a, b)) = l1.contiguous_offsets() else {
+            candle_core::bail!("{n}: the destination must be contiguous");
+        };
+        match s1 {
+            CpuStorage::F32(y) => add_relu_into(&mut y[a..b], slice::<f32>(s2, l2, n)?),
+            CpuStorage::F64(y) => add_relu_into(&mut y[a..b], slice::<f64>(s2, l2, n)?),
+            _ => candle_core::bail!("{n}: unsupported dtype {:?}", s1.dtype()),
+        }
+        Ok(())
+    }
+}
+
+/// `relu(y + r)`, written over `y` on CPU (f32/f64, both contiguous, same shape and dtype,
+/// neither tracking a graph); elsewhere the allocating tensor ops. `y` must be a fresh result
+/// that no tensor still in use shares storage with. Bitwise equal to `relu(&(y + r)?)`.
+pub(crate) fn add_relu_in_place(y: Tensor, r: &Tensor) -> Result<Tensor> {
+    let in_place = y.device().is_cpu()
+        && matches!(y.dtype(), DType::F32 | DType::F64)
+        && y.dtype() == r.dtype()
+        && y.shape() == r.shape()
+        && !y.track_op()
+        && !r.track_op()
+        && y.is_contiguous()
+        && r.is_contiguous();
+    if !in_place {
+        return relu(&(y + r)?);
+    }
+    y.inplace_op2(r, &AddReluInPlace)?;
+    Ok(y)
 }
 
 #[cfg(test)]
