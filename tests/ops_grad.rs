@@ -72,6 +72,8 @@ fn conv2d_grad_various_geometries() {
         (2, 4, 5, 6, 3, 1, 1, 0, 1),
         (1, 2, 9, 8, 3, 3, 1, 2, 2),
         (1, 2, 5, 5, 2, 3, 1, 6, 6),
+        // Sparse plan (taps partly in the padding) with two images (one per thread).
+        (2, 3, 9, 11, 4, 3, 1, 4, 4),
         (1, 2, 11, 10, 2, 7, 2, 3, 1),
         (1, 3, 6, 6, 2, 2, 1, 0, 1),
     ];
@@ -151,4 +153,34 @@ fn batchnorm_train_grad() {
         bn.forward(&t[0], true)
     };
     check_grad(&[x, w, b], bn, 120);
+}
+
+#[test]
+fn batchnorm_relu_train_grad() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let x = randn(&mut rng, &[3, 2, 4, 5]);
+    let w = randn(&mut rng, &[2]);
+    let b = randn(&mut rng, &[2]);
+    let zeros = Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap();
+    let ones = Tensor::ones(2, DType::F64, &Device::Cpu).unwrap();
+    let bn = |t: &[Tensor]| {
+        let bn = ops::BatchNorm2d {
+            weight: Var::from_tensor(&t[1]).unwrap(),
+            bias: Var::from_tensor(&t[2]).unwrap(),
+            running_mean: Var::from_tensor(&zeros).unwrap(),
+            running_var: Var::from_tensor(&ones).unwrap(),
+            momentum: 0.1,
+            eps: 1e-5,
+        };
+        bn.forward_relu(&t[0], true)
+    };
+    check_grad(&[x, w, b], bn, 120);
+}
+
+#[test]
+fn add_relu_grad() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let a = randn(&mut rng, &[2, 3, 4, 5]);
+    let b = randn(&mut rng, &[2, 3, 4, 5]);
+    check_grad(&[a, b], |t| ops::add_relu(&t[0], &t[1]), 80);
 }

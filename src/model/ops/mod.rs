@@ -6,6 +6,7 @@
 mod batchnorm;
 mod bias;
 mod conv;
+mod convt;
 mod gemm;
 mod pool;
 mod relu;
@@ -98,16 +99,17 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor>
 /// optional bias [O]; used by the U-Net decoder (kernel 2, stride 2).
 ///
 /// Only non-overlapping kernels (`kh == kw == stride`, no padding) are supported: then every
-/// input pixel writes its own `stride`×`stride` output block, which is one matmul and a
-/// reshape that Candle's autograd differentiates. Other shapes are an error.
+/// input pixel writes its own `stride`×`stride` output block, which is one matmul and a pixel
+/// shuffle. On CPU (f32/f64) that is a custom op with a GEMM backward; elsewhere Candle's
+/// matmul and reshapes, which its autograd differentiates. Other shapes are an error.
 pub fn conv_transpose2d(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     stride: usize,
 ) -> Result<Tensor> {
-    let (n, c, h, wd) = x.dims4()?;
-    let (wc, o, kh, kw) = w.dims4()?;
+    let c = x.dims4()?.1;
+    let (wc, _, kh, kw) = w.dims4()?;
     if wc != c {
         candle_core::bail!("conv_transpose2d: input has {c} channels but the weight expects {wc}");
     }
@@ -116,16 +118,25 @@ pub fn conv_transpose2d(
             "conv_transpose2d: only kernel == stride is supported (kernel {kh}x{kw}, stride {stride})"
         );
     }
-    let s = stride;
-    // [N*H*W, C] · [C, O*s*s] -> [N, H, W, O, s, s] -> [N, O, H, s, W, s].
-    let cols = x.permute((0, 2, 3, 1))?.reshape((n * h * wd, c))?;
-    let y = cols
-        .matmul(&w.reshape((c, o * s * s))?)?
-        .reshape(vec![n, h, wd, o, s, s])?
-        .permute(vec![0, 3, 1, 4, 2, 5])?
-        .reshape((n, o, h * s, wd * s))?;
+    let y = if convt::supported(x, w) {
+        convt::conv_transpose2d_cpu(x, w)?
+    } else {
+        conv_transpose2d_matmul(x, w)?
+    };
     match bias {
         Some(b) => bias::add_channel_bias(&y, b),
         None => Ok(y),
     }
+}
+
+/// [`conv_transpose2d`] without bias from Candle ops: [N·H·W, C] · [C, O·s·s], then
+/// [N, H, W, O, s, s] -> [N, O, H, s, W, s]. Shapes are checked by the caller.
+fn conv_transpose2d_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, c, h, wd) = x.dims4()?;
+    let (_, o, s, _) = w.dims4()?;
+    let cols = x.permute((0, 2, 3, 1))?.reshape((n * h * wd, c))?;
+    cols.matmul(&w.reshape((c, o * s * s))?)?
+        .reshape(vec![n, h, wd, o, s, s])?
+        .permute(vec![0, 3, 1, 4, 2, 5])?
+        .reshape((n, o, h * s, wd * s))
 }
