@@ -132,9 +132,9 @@ fn conv_transpose2d_grad() {
     );
 }
 
-#[test]
-fn batchnorm_train_grad() {
-    let mut rng = StdRng::seed_from_u64(5);
+/// Finite-difference check of training-mode BatchNorm, with or without the fused ReLU.
+fn check_batchnorm(seed: u64, relu: bool) {
+    let mut rng = StdRng::seed_from_u64(seed);
     let x = randn(&mut rng, &[3, 2, 4, 5]);
     let w = randn(&mut rng, &[2]);
     let b = randn(&mut rng, &[2]);
@@ -150,31 +150,23 @@ fn batchnorm_train_grad() {
             eps: 1e-5,
         };
         // `Var::from_tensor` on the checker's variables keeps their identity.
-        bn.forward(&t[0], true)
+        if relu {
+            bn.forward_relu(&t[0], true)
+        } else {
+            bn.forward(&t[0], true)
+        }
     };
     check_grad(&[x, w, b], bn, 120);
 }
 
 #[test]
+fn batchnorm_train_grad() {
+    check_batchnorm(5, false);
+}
+
+#[test]
 fn batchnorm_relu_train_grad() {
-    let mut rng = StdRng::seed_from_u64(6);
-    let x = randn(&mut rng, &[3, 2, 4, 5]);
-    let w = randn(&mut rng, &[2]);
-    let b = randn(&mut rng, &[2]);
-    let zeros = Tensor::zeros(2, DType::F64, &Device::Cpu).unwrap();
-    let ones = Tensor::ones(2, DType::F64, &Device::Cpu).unwrap();
-    let bn = |t: &[Tensor]| {
-        let bn = ops::BatchNorm2d {
-            weight: Var::from_tensor(&t[1]).unwrap(),
-            bias: Var::from_tensor(&t[2]).unwrap(),
-            running_mean: Var::from_tensor(&zeros).unwrap(),
-            running_var: Var::from_tensor(&ones).unwrap(),
-            momentum: 0.1,
-            eps: 1e-5,
-        };
-        bn.forward_relu(&t[0], true)
-    };
-    check_grad(&[x, w, b], bn, 120);
+    check_batchnorm(6, true);
 }
 
 #[test]

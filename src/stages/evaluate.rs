@@ -29,7 +29,8 @@ pub struct Evaluate;
 impl Stage for Evaluate {
     fn version(&self) -> u32 {
         // 2: native tiling takes each pixel from its most central tile.
-        2
+        // 3: sparse dilated convolutions and the in-place inference pass (last-bit changes).
+        3
     }
     fn role(&self) -> &'static str {
         "evaluate"

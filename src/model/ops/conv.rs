@@ -7,7 +7,7 @@
 //! recomputed in the backward pass rather than kept alive, so the memory held between forward
 //! and backward is only what Candle keeps anyway (the inputs).
 
-use super::gemm::{matmul, MatRef};
+use super::gemm::{matmul, sum_partials, MatRef};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -656,23 +656,7 @@ fn grad_weight<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], gy: &[T]) -> Ve
         .with_max_len(1)
         .map(task)
         .collect();
-    let mut it = partials.into_iter();
-    let mut acc = it.next().unwrap_or_else(|| vec![T::from_f64(0.0); g.o * k]);
-    for part in it {
-        for (a, b) in acc.iter_mut().zip(part) {
-            *a += b;
-        }
-    }
-    if !transposed {
-        return acc;
-    }
-    let mut gw = vec![T::from_f64(0.0); g.o * k];
-    for (j, row) in acc.chunks_exact(g.o).enumerate() {
-        for (o, v) in row.iter().enumerate() {
-            gw[o * k + j] = *v;
-        }
-    }
-    gw
+    sum_partials(partials, g.o, k, transposed)
 }
 
 /// `W′[c, o, i, j] = W[o, c, kh-1-i, kw-1-j]` (see [`ConvGeom::input_grad_conv`]).

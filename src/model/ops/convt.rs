@@ -8,7 +8,7 @@
 //! matmul, permute), the same thing costs two strided copies forward and a chain of them
 //! backward, each also paying Candle's zeros-plus-add gradient accumulation.
 
-use super::gemm::{matmul, MatRef};
+use super::gemm::{matmul, sum_partials, MatRef};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
@@ -151,25 +151,7 @@ fn backward<T: WithDType>(g: &Geom, x: &[T], w: &[T], gy: &[T]) -> (Vec<T>, Vec<
             acc
         })
         .collect();
-    let mut it = partials.into_iter();
-    let mut acc = it
-        .next()
-        .unwrap_or_else(|| vec![T::from_f64(0.0); c * rows]);
-    for part in it {
-        for (a, b) in acc.iter_mut().zip(part) {
-            *a += b;
-        }
-    }
-    if !transposed {
-        return (gx, acc);
-    }
-    let mut gw = vec![T::from_f64(0.0); c * rows];
-    for (r, row) in acc.chunks_exact(c).enumerate() {
-        for (ci, v) in row.iter().enumerate() {
-            gw[ci * rows + r] = *v;
-        }
-    }
-    (gx, gw)
+    (gx, sum_partials(partials, c, rows, transposed))
 }
 
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {

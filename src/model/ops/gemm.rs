@@ -111,3 +111,31 @@ pub(crate) fn matmul<T: WithDType>(
         )
     }
 }
+
+/// Sums the per-task partial results of a `rows` × `cols` matrix (row-major), or of its
+/// transpose when `transposed`, and returns the row-major `rows` × `cols` sum.
+pub(crate) fn sum_partials<T: WithDType>(
+    partials: Vec<Vec<T>>,
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+) -> Vec<T> {
+    let zero = T::from_f64(0.0);
+    let mut it = partials.into_iter();
+    let mut acc = it.next().unwrap_or_else(|| vec![zero; rows * cols]);
+    for part in it {
+        for (a, b) in acc.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+    if !transposed {
+        return acc;
+    }
+    let mut out = vec![zero; rows * cols];
+    for (j, row) in acc.chunks_exact(rows).enumerate() {
+        for (i, v) in row.iter().enumerate() {
+            out[i * cols + j] = *v;
+        }
+    }
+    out
+}

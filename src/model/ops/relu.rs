@@ -48,6 +48,41 @@ pub(super) fn relu_bwd<T: WithDType>(y: &[T], gy: &[T]) -> Vec<T> {
     gx
 }
 
+/// An elementwise op of two same-shaped contiguous CPU tensors, both f32 or both f64.
+fn elementwise2(
+    n: &str,
+    (s1, l1): (&CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+    f32_fn: fn(&[f32], &[f32]) -> Vec<f32>,
+    f64_fn: fn(&[f64], &[f64]) -> Vec<f64>,
+) -> Result<(CpuStorage, Shape)> {
+    if l1.shape() != l2.shape() {
+        candle_core::bail!("{n}: shapes {:?} / {:?}", l1.shape(), l2.shape());
+    }
+    let out = match (s1, s2) {
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+            CpuStorage::F32(f32_fn(slice(s1, l1, n)?, slice(s2, l2, n)?))
+        }
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+            CpuStorage::F64(f64_fn(slice(s1, l1, n)?, slice(s2, l2, n)?))
+        }
+        _ => candle_core::bail!(
+            "{n}: unsupported dtypes {:?} / {:?}",
+            s1.dtype(),
+            s2.dtype()
+        ),
+    };
+    Ok((out, l1.shape().clone()))
+}
+
+/// `max(a + b, 0)` into a new buffer (a copy of `a` instead of the zero fill an output buffer
+/// needs anyway).
+fn add_relu_vec<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
+    let mut y = a.to_vec();
+    add_relu_into(&mut y, b);
+    y
+}
+
 /// x -> max(x, 0).
 struct Relu;
 
@@ -85,29 +120,7 @@ impl CustomOp2 for ReluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            candle_core::bail!(
-                "{}: shapes {:?} / {:?}",
-                self.name(),
-                l1.shape(),
-                l2.shape()
-            );
-        }
-        let n = self.name();
-        let g = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(relu_bwd(slice::<f32>(s1, l1, n)?, slice::<f32>(s2, l2, n)?))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(relu_bwd(slice::<f64>(s1, l1, n)?, slice::<f64>(s2, l2, n)?))
-            }
-            _ => candle_core::bail!(
-                "{n}: unsupported dtypes {:?} / {:?}",
-                s1.dtype(),
-                s2.dtype()
-            ),
-        };
-        Ok((g, l1.shape().clone()))
+        elementwise2(self.name(), (s1, l1), (s2, l2), relu_bwd, relu_bwd)
     }
 }
 
@@ -127,35 +140,7 @@ impl CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() {
-            candle_core::bail!(
-                "{}: shapes {:?} / {:?}",
-                self.name(),
-                l1.shape(),
-                l2.shape()
-            );
-        }
-        fn add_relu<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
-            // A copy instead of the zero fill an output buffer needs anyway.
-            let mut y = a.to_vec();
-            add_relu_into(&mut y, b);
-            y
-        }
-        let n = self.name();
-        let y = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(add_relu(slice::<f32>(s1, l1, n)?, slice::<f32>(s2, l2, n)?))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(add_relu(slice::<f64>(s1, l1, n)?, slice::<f64>(s2, l2, n)?))
-            }
-            _ => candle_core::bail!(
-                "{n}: unsupported dtypes {:?} / {:?}",
-                s1.dtype(),
-                s2.dtype()
-            ),
-        };
-        Ok((y, l1.shape().clone()))
+        elementwise2(self.name(), (s1, l1), (s2, l2), add_relu_vec, add_relu_vec)
     }
 
     fn bwd(
