@@ -730,15 +730,27 @@ fn grad_input<T: WithDType>(g: &ConvGeom, plan: &Plan, gy: &[T], w: &[T]) -> Vec
 }
 
 /// Contiguous slice of a CPU storage, or an error naming the op.
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+pub(super) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => candle_core::bail!("{op}: input must be contiguous"),
     }
 }
 
+/// Contiguous CPU data of a tensor's storage (from `Tensor::storage_and_layout`), as `T`.
+pub(super) fn storage_slice<'a, T: WithDType>(
+    s: &'a candle_core::Storage,
+    l: &Layout,
+    op: &str,
+) -> Result<&'a [T]> {
+    match s {
+        candle_core::Storage::Cpu(c) => slice(c, l, op),
+        _ => candle_core::bail!("{op}: CPU tensors expected"),
+    }
+}
+
 /// Runs `f` on the two storages as f32 or f64 slices.
-fn dispatch2(
+pub(super) fn dispatch2(
     op: &str,
     s1: &CpuStorage,
     l1: &Layout,

@@ -8,11 +8,9 @@
 //! matmul, permute), the same thing costs two strided copies forward and a chain of them
 //! backward, each also paying Candle's zeros-plus-add gradient accumulation.
 
+use super::conv::{dispatch2, storage_slice};
 use super::gemm::{matmul, sum_partials, MatRef};
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Shapes of one transposed convolution: x [N, C, H, W], w [C, O, s, s].
@@ -154,19 +152,14 @@ fn backward<T: WithDType>(g: &Geom, x: &[T], w: &[T], gy: &[T]) -> (Vec<T>, Vec<
     (gx, sum_partials(partials, c, rows, transposed))
 }
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("conv_transpose2d: input must be contiguous"),
-    }
-}
+const OP: &str = "driveline-conv-transpose2d";
 
 /// The differentiable op (x, w) -> y.
 struct ConvT;
 
 impl CustomOp2 for ConvT {
     fn name(&self) -> &'static str {
-        "driveline-conv-transpose2d"
+        OP
     }
 
     fn cpu_fwd(
@@ -177,20 +170,15 @@ impl CustomOp2 for ConvT {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.shape(), l2.shape())?;
-        let y = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(forward(&g, slice(s1, l1)?, slice(s2, l2)?))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(forward(&g, slice(s1, l1)?, slice(s2, l2)?))
-            }
-            _ => candle_core::bail!(
-                "{}: unsupported dtypes {:?} / {:?}",
-                self.name(),
-                s1.dtype(),
-                s2.dtype()
-            ),
-        };
+        let y = dispatch2(
+            self.name(),
+            s1,
+            l1,
+            s2,
+            l2,
+            |x, w| forward(&g, x, w),
+            |x, w| forward(&g, x, w),
+        )?;
         Ok((y, g.out_shape()))
     }
 
@@ -211,14 +199,6 @@ impl CustomOp2 for ConvT {
     }
 }
 
-/// The contiguous CPU data of a storage, as `T`.
-fn cpu<'a, T: WithDType>(s: &'a Storage, l: &Layout) -> Result<&'a [T]> {
-    match s {
-        Storage::Cpu(c) => slice::<T>(c, l),
-        _ => candle_core::bail!("conv_transpose2d: CPU tensors expected"),
-    }
-}
-
 /// [`backward`] on CPU tensors.
 fn backward_tensors<T: WithDType>(
     g: &Geom,
@@ -234,9 +214,9 @@ fn backward_tensors<T: WithDType>(
         );
         backward(
             g,
-            cpu::<T>(&xs, xl)?,
-            cpu::<T>(&ws, wl)?,
-            cpu::<T>(&gs, gl)?,
+            storage_slice::<T>(&xs, xl, OP)?,
+            storage_slice::<T>(&ws, wl, OP)?,
+            storage_slice::<T>(&gs, gl, OP)?,
         )
     };
     Ok((

@@ -59,19 +59,7 @@ fn elementwise2(
     if l1.shape() != l2.shape() {
         candle_core::bail!("{n}: shapes {:?} / {:?}", l1.shape(), l2.shape());
     }
-    let out = match (s1, s2) {
-        (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-            CpuStorage::F32(f32_fn(slice(s1, l1, n)?, slice(s2, l2, n)?))
-        }
-        (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-            CpuStorage::F64(f64_fn(slice(s1, l1, n)?, slice(s2, l2, n)?))
-        }
-        _ => candle_core::bail!(
-            "{n}: unsupported dtypes {:?} / {:?}",
-            s1.dtype(),
-            s2.dtype()
-        ),
-    };
+    let out = super::conv::dispatch2(n, s1, l1, s2, l2, f32_fn, f64_fn)?;
     Ok((out, l1.shape().clone()))
 }
 
