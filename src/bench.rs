@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::config::schema::Loss;
-use crate::config::{Arch, Backbone, Experiment, ModelConfig, Normalize};
+use crate::config::{Arch, Backbone, Experiment, ModelConfig, Normalize, Tta};
 use crate::model::{ops, SegModel};
 use crate::predict::{Mode, Predictor};
 use crate::stages::train::{loss_fn, optim::Optimizer, peak_rss_mib};
@@ -137,7 +137,7 @@ pub fn infer(
         model: &model,
         normalize: Normalize::Imagenet,
         mode: Mode::Resize(imgsz),
-        tta: false,
+        tta: Tta::None,
     };
     let x = Tensor::zeros(
         (1, 3, imgsz as usize, imgsz as usize),

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use image::{GrayImage, ImageFormat};
 
+use crate::config::Tta;
 use crate::model::{checkpoint, device};
 use crate::pipeline::progress::Progress;
 use crate::predict::{probs_to_image, Mode, Predictor};
@@ -41,8 +42,8 @@ pub struct InferOptions {
     pub imgsz: Option<u32>,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     pub device: String,
-    /// Average with the horizontally flipped prediction.
-    pub tta: bool,
+    /// Test-time augmentation.
+    pub tta: Tta,
     /// Probability at or above which a pixel is a vessel in the mask.
     pub threshold: f32,
     /// Native-resolution prediction in tiles of this side (0: the whole image at once).
@@ -280,7 +281,7 @@ pub fn run(opts: &InferOptions) -> Result<InferSummary> {
         "{} image(s), {}{}, {} → {}",
         images.len(),
         describe(mode),
-        if opts.tta { " + flip TTA" } else { "" },
+        opts.tta.label(),
         device::name(&device),
         out.display()
     ));

@@ -100,9 +100,10 @@ enum Cmd {
         /// cpu, cuda, cuda:N or auto.
         #[arg(long, default_value = "auto")]
         device: String,
-        /// Average with the horizontally flipped prediction.
-        #[arg(long)]
-        tta: bool,
+        /// Test-time augmentation: none, flip (the default when the flag has no value: the
+        /// image and its mirror) or dihedral (the 8 rotations/mirrors).
+        #[arg(long, value_name = "KIND", num_args = 0..=1, default_value = "none", default_missing_value = "flip")]
+        tta: driveline::config::Tta,
         /// Vessel probability threshold for the mask.
         #[arg(long, default_value_t = 0.5)]
         threshold: f32,

@@ -7,16 +7,17 @@
 //! - **native** (crop-trained U-Net): predict at the original resolution, the image padded
 //!   by reflection to the network's stride, or in overlapping tiles for large images.
 //!
-//! Optional test-time augmentation averages with the horizontally flipped prediction.
+//! Optional test-time augmentation averages the prediction over mirrored (and, for
+//! [`Tta::Dihedral`], transposed) views of the image.
 //!
 //! Every prediction runs [`SegModel::infer`]: eval mode on detached parameters, so no autograd
 //! graph is kept and each activation is freed as soon as its consumer ran.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
-use crate::config::Normalize;
+use crate::config::{Normalize, Tta};
 use crate::data::{self, ChannelStats};
 use crate::model::ops::resize_bilinear;
 use crate::model::SegModel;
@@ -33,7 +34,7 @@ pub struct Predictor<'a> {
     pub model: &'a SegModel,
     pub normalize: Normalize,
     pub mode: Mode,
-    pub tta: bool,
+    pub tta: Tta,
 }
 
 /// An image as a normalised [1, 3, H, W] tensor.
@@ -61,9 +62,10 @@ impl Predictor<'_> {
 
     /// Vessel probability [1, 1, H, W] for the normalised input tensor [1, 3, H, W], with TTA.
     ///
-    /// As in the reference, the input is padded to the stride *before* the flip, so that the
-    /// flipped pass sees the same pooling grid as the plain one (and tiles, whose starts are
-    /// multiples of the stride, see the same grid as the whole image).
+    /// As in the reference, the input is padded to the stride *before* it is flipped or
+    /// transposed, so that every view sees the same pooling grid as the plain one (and tiles,
+    /// whose starts are multiples of the stride, see the same grid as the whole image). Each
+    /// view's probabilities are mapped back before they are averaged.
     fn probs_tensor(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let s = self.model.stride();
@@ -73,10 +75,38 @@ impl Predictor<'_> {
         } else {
             x.clone()
         };
-        let mut p = vessel_prob(&self.model.infer(&xp)?)?;
-        if self.tta {
-            let pf = flip_w(&vessel_prob(&self.model.infer(&flip_w(&xp)?)?)?)?;
-            p = ((p + pf)? * 0.5)?;
+        let views = self.tta.views();
+        let mut sum: Option<Tensor> = None;
+        for &(transpose, fh, fw) in views {
+            let mut v = xp.clone();
+            if transpose {
+                v = v.transpose(2, 3)?.contiguous()?;
+            }
+            if fh {
+                v = flip(&v, 2)?;
+            }
+            if fw {
+                v = flip(&v, 3)?;
+            }
+            let mut p = vessel_prob(&self.model.infer(&v)?)?;
+            if fw {
+                p = flip(&p, 3)?;
+            }
+            if fh {
+                p = flip(&p, 2)?;
+            }
+            if transpose {
+                p = p.transpose(2, 3)?.contiguous()?;
+            }
+            sum = Some(match sum {
+                None => p,
+                Some(s) => (s + p)?,
+            });
+        }
+        let mut p = sum.context("TTA has at least the identity view")?;
+        if views.len() > 1 {
+            // 1/2 and 1/8 are exact in binary.
+            p = p.affine(1.0 / views.len() as f64, 0.0)?;
         }
         Ok(p.narrow(2, 0, h)?.narrow(3, 0, w)?)
     }
@@ -192,11 +222,12 @@ pub fn argmax_u8(logits: &Tensor) -> Result<Vec<u8>> {
         .to_vec1::<u8>()?)
 }
 
-fn flip_w(x: &Tensor) -> Result<Tensor> {
-    let w = x.dim(D::Minus1)?;
-    let idx: Vec<u32> = (0..w as u32).rev().collect();
+/// Mirror along dimension `dim`.
+fn flip(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let n = x.dim(dim)?;
+    let idx: Vec<u32> = (0..n as u32).rev().collect();
     let idx = Tensor::new(idx.as_slice(), x.device())?;
-    Ok(x.index_select(&idx, 3)?)
+    Ok(x.index_select(&idx, dim)?)
 }
 
 /// Reflect-pad the bottom and right edges (numpy's `mode="reflect"`: the edge pixel is not
@@ -270,12 +301,12 @@ mod tests {
             .unwrap()
             .reshape((1, 1, 3, 4))
             .unwrap();
-        let back = flip_w(&flip_w(&x).unwrap()).unwrap();
+        let back = flip(&flip(&x, 3).unwrap(), 3).unwrap();
         assert_eq!(
             back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
         );
-        let f = flip_w(&x)
+        let f = flip(&x, 3)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -320,7 +351,7 @@ mod tests {
         let model = tiny_unet();
         // Not multiples of the stride: the edge windows are padded like the whole image.
         let img = noise_image(70, 53);
-        for tta in [false, true] {
+        for tta in [Tta::None, Tta::Flip, Tta::Dihedral] {
             let pred = |mode| {
                 Predictor {
                     model: &model,
@@ -342,7 +373,7 @@ mod tests {
                 overlap: 24,
             });
             let d = max_diff(&whole, &tiled);
-            assert!(d < 1e-5, "tta {tta}: tiled differs from whole by {d}");
+            assert!(d < 1e-5, "tta {tta:?}: tiled differs from whole by {d}");
             // A small overlap leaves zero-padding effects at the cuts: the comparison above
             // is able to fail.
             let thin = pred(Mode::Native {
@@ -352,8 +383,46 @@ mod tests {
             let d = max_diff(&whole, &thin);
             assert!(
                 d > 1e-4,
-                "tta {tta}: a 2 px overlap should show the tile borders ({d})"
+                "tta {tta:?}: a 2 px overlap should show the tile borders ({d})"
             );
+        }
+    }
+
+    #[test]
+    fn dihedral_tta_is_equivariant_under_rotation() {
+        // Averaging over the 8 symmetries of the square makes the prediction of a rotated
+        // image the rotated prediction, which a single pass or the flip pair does not give:
+        // a wrong inverse mapping of any view breaks the equality.
+        use image::{imageops, ImageBuffer, Luma};
+        let model = tiny_unet();
+        let img = noise_image(32, 48); // multiples of the stride: no padding
+        let rot = imageops::rotate90(&img);
+        let probs = |im: &RgbImage, tta| {
+            Predictor {
+                model: &model,
+                normalize: Normalize::PerImage,
+                mode: Mode::Native {
+                    tile: 0,
+                    overlap: 0,
+                },
+                tta,
+            }
+            .probs(im)
+            .unwrap()
+        };
+        for (tta, equivariant) in [
+            (Tta::Dihedral, true),
+            (Tta::Flip, false),
+            (Tta::None, false),
+        ] {
+            let p: ImageBuffer<Luma<f32>, Vec<f32>> =
+                ImageBuffer::from_raw(32, 48, probs(&img, tta)).unwrap();
+            let d = max_diff(imageops::rotate90(&p).as_raw(), &probs(&rot, tta));
+            if equivariant {
+                assert!(d < 1e-5, "{tta:?}: rotated prediction differs by {d}");
+            } else {
+                assert!(d > 1e-4, "{tta:?}: unexpectedly rotation-equivariant ({d})");
+            }
         }
     }
 
@@ -368,7 +437,7 @@ mod tests {
                 model: &model,
                 normalize: Normalize::PerImage,
                 mode,
-                tta: false,
+                tta: Tta::None,
             }
             .probs(&img)
             .unwrap()

@@ -202,6 +202,14 @@ fn wrong_type_and_out_of_range_values() {
         err.contains("model.backbone") && err.contains("resnet101"),
         "{err}"
     );
+    let err = fails(
+        &p,
+        &["run", e.to_str().unwrap(), "--set", "evaluate.tta=sideways"],
+    );
+    assert!(
+        err.contains("evaluate.tta") && err.contains("sideways") && err.contains("dihedral"),
+        "{err}"
+    );
     assert!(p.objects().is_empty());
 }
 

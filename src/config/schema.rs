@@ -332,12 +332,91 @@ pub enum CheckpointChoice {
     Last,
 }
 
+/// Test-time augmentation: the views of an image whose vessel probabilities are averaged.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Tta {
+    /// One pass on the image as it is.
+    #[default]
+    None,
+    /// The image and its horizontal mirror (2 passes), as the reference scripts do.
+    Flip,
+    /// The 8 symmetries of the square: the 4 rotations by 90°, each also mirrored (8 passes).
+    Dihedral,
+}
+
+impl Tta {
+    /// The views, as (transpose H and W, flip H, flip W) applied in that order; the identity
+    /// first.
+    pub fn views(self) -> &'static [(bool, bool, bool)] {
+        const ALL: [(bool, bool, bool); 8] = [
+            (false, false, false),
+            (false, false, true),
+            (false, true, false),
+            (false, true, true),
+            (true, false, false),
+            (true, false, true),
+            (true, true, false),
+            (true, true, true),
+        ];
+        match self {
+            Tta::None => &ALL[..1],
+            Tta::Flip => &ALL[..2],
+            Tta::Dihedral => &ALL,
+        }
+    }
+
+    /// How it reads in logs: empty for none.
+    pub fn label(self) -> &'static str {
+        match self {
+            Tta::None => "",
+            Tta::Flip => " + flip TTA",
+            Tta::Dihedral => " + dihedral TTA (8 views)",
+        }
+    }
+}
+
+impl std::str::FromStr for Tta {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" | "false" => Ok(Tta::None),
+            "flip" | "true" => Ok(Tta::Flip),
+            "dihedral" => Ok(Tta::Dihedral),
+            _ => Err(format!(
+                "unknown TTA `{s}`: expected \"none\", \"flip\" or \"dihedral\" (or a boolean)"
+            )),
+        }
+    }
+}
+
+/// Accepts the strings of [`Tta`] and, as earlier versions did, a boolean (`true` = flip).
+impl<'de> Deserialize<'de> for Tta {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Tta;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"none\", \"flip\", \"dihedral\" or a boolean")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Tta, E> {
+                Ok(if v { Tta::Flip } else { Tta::None })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Tta, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct EvaluateConfig {
     pub checkpoint: CheckpointChoice,
-    /// Average with the horizontally flipped prediction.
-    pub tta: bool,
+    /// Test-time augmentation: `"none"` (or `false`), `"flip"` (or `true`: the image and its
+    /// mirror) or `"dihedral"` (the 8 rotations/mirrors of the square).
+    pub tta: Tta,
     /// Probability above which a pixel is vessel.
     pub threshold: f32,
     /// Native-resolution inference: tile side (0: whole image, padded to the stride).
@@ -349,7 +428,7 @@ impl Default for EvaluateConfig {
     fn default() -> Self {
         Self {
             checkpoint: CheckpointChoice::BestIou,
-            tta: false,
+            tta: Tta::None,
             threshold: 0.5,
             tile: 0,
             overlap: 64,
@@ -603,5 +682,51 @@ impl Experiment {
             );
         }
         p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tta(v: &str) -> Result<Tta, toml::de::Error> {
+        toml::from_str::<EvaluateConfig>(&format!("tta = {v}")).map(|e| e.tta)
+    }
+
+    #[test]
+    fn tta_reads_names_and_the_old_booleans() {
+        assert_eq!(tta("false").unwrap(), Tta::None);
+        assert_eq!(tta("true").unwrap(), Tta::Flip);
+        assert_eq!(tta("\"none\"").unwrap(), Tta::None);
+        assert_eq!(tta("\"flip\"").unwrap(), Tta::Flip);
+        assert_eq!(tta("\"dihedral\"").unwrap(), Tta::Dihedral);
+        let e = tta("\"sideways\"").unwrap_err().to_string();
+        assert!(e.contains("sideways") && e.contains("dihedral"), "{e}");
+        assert!(tta("3").is_err());
+        // Written back as names, so stage keys show what ran.
+        let cfg = EvaluateConfig {
+            tta: Tta::Dihedral,
+            ..Default::default()
+        };
+        assert!(toml::to_string(&cfg)
+            .unwrap()
+            .contains("tta = \"dihedral\""));
+    }
+
+    #[test]
+    fn tta_views_are_distinct_and_start_with_the_identity() {
+        for t in [Tta::None, Tta::Flip, Tta::Dihedral] {
+            let v = t.views();
+            assert_eq!(v[0], (false, false, false));
+            let mut u = v.to_vec();
+            u.sort();
+            u.dedup();
+            assert_eq!(u.len(), v.len());
+        }
+        assert_eq!(Tta::Dihedral.views().len(), 8);
+        assert_eq!(
+            Tta::Flip.views(),
+            &[(false, false, false), (false, false, true)]
+        );
     }
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::preprocess::{self, Prepared};
 use super::train::{BEST_IOU, BEST_LOSS, LAST};
 use super::{Stage, StageCtx};
-use crate::config::CheckpointChoice;
+use crate::config::{CheckpointChoice, Tta};
 use crate::metrics::{AucAccumulator, Confusion};
 use crate::model::{checkpoint, device};
 use crate::predict::{mode_for, probs_to_image, Predictor};
@@ -104,7 +104,7 @@ pub struct SplitScores {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EvalReport {
     pub checkpoint: String,
-    pub tta: bool,
+    pub tta: Tta,
     pub threshold: f32,
     /// Split name → scores (only splits with annotations).
     pub splits: BTreeMap<String, SplitScores>,

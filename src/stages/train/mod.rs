@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use super::preprocess::{self, Prepared};
 use super::{Stage, StageCtx};
-use crate::config::{Experiment, Loss, Normalize, Scheduler};
+use crate::config::{Experiment, Loss, Normalize, Scheduler, Tta};
 use crate::data::{self, Augmenter, ChannelStats};
 use crate::metrics::Confusion;
 use crate::model::checkpoint::{self, Preprocess as CkptPreprocess};
@@ -222,7 +222,7 @@ fn train(
         model: &model,
         normalize: exp.data.normalize,
         mode,
-        tta: false,
+        tta: Tta::None,
     };
 
     let start_period = state.history.len();
