@@ -2,7 +2,7 @@
 //!
 //! For every valid image and every test image: the vessel probability at the image's original
 //! resolution (predicted at the trained size and resized back, or at native resolution for
-//! crop-trained models; optional flip TTA), the binary mask at `evaluate.threshold`, and an
+//! crop-trained models; optional flip or dihedral TTA), the binary mask at `evaluate.threshold`, and an
 //! overlay on the fundus photograph. Where annotations exist: pixel accuracy, mIoU, vessel
 //! IoU, Dice/F1, sensitivity, specificity, precision and exact AUC-ROC — inside the FOV mask
 //! (the DRIVE convention) and over the whole image — per image and pooled over each split.
