@@ -49,15 +49,21 @@ impl Predictor<'_> {
     /// padded by reflection to the model's stride and cropped back.
     pub fn logits_at(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
+        let y = self.model.infer(&self.pad_to_stride(x)?)?;
+        Ok(y.narrow(2, 0, h)?.narrow(3, 0, w)?)
+    }
+
+    /// `x` [N, C, H, W] reflect-padded at the bottom and right to multiples of the model's
+    /// stride (unchanged when it already is).
+    fn pad_to_stride(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
         let s = self.model.stride();
         let (ph, pw) = (h.div_ceil(s) * s - h, w.div_ceil(s) * s - w);
-        let xp = if ph > 0 || pw > 0 {
-            reflect_pad(x, ph, pw)?
+        if ph > 0 || pw > 0 {
+            reflect_pad(x, ph, pw)
         } else {
-            x.clone()
-        };
-        let y = self.model.infer(&xp)?;
-        Ok(y.narrow(2, 0, h)?.narrow(3, 0, w)?)
+            Ok(x.clone())
+        }
     }
 
     /// Vessel probability [1, 1, H, W] for the normalised input tensor [1, 3, H, W], with TTA.
@@ -68,36 +74,12 @@ impl Predictor<'_> {
     /// view's probabilities are mapped back before they are averaged.
     fn probs_tensor(&self, x: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        let s = self.model.stride();
-        let (ph, pw) = (h.div_ceil(s) * s - h, w.div_ceil(s) * s - w);
-        let xp = if ph > 0 || pw > 0 {
-            reflect_pad(x, ph, pw)?
-        } else {
-            x.clone()
-        };
+        let xp = self.pad_to_stride(x)?;
         let views = self.tta.views();
         let mut sum: Option<Tensor> = None;
-        for &(transpose, fh, fw) in views {
-            let mut v = xp.clone();
-            if transpose {
-                v = v.transpose(2, 3)?.contiguous()?;
-            }
-            if fh {
-                v = flip(&v, 2)?;
-            }
-            if fw {
-                v = flip(&v, 3)?;
-            }
-            let mut p = vessel_prob(&self.model.infer(&v)?)?;
-            if fw {
-                p = flip(&p, 3)?;
-            }
-            if fh {
-                p = flip(&p, 2)?;
-            }
-            if transpose {
-                p = p.transpose(2, 3)?.contiguous()?;
-            }
+        for &view in views {
+            let v = map_view(&xp, view, false)?;
+            let p = map_view(&vessel_prob(&self.model.infer(&v)?)?, view, true)?;
             sum = Some(match sum {
                 None => p,
                 Some(s) => (s + p)?,
@@ -220,6 +202,25 @@ pub fn argmax_u8(logits: &Tensor) -> Result<Vec<u8>> {
         .flatten_all()?
         .to_dtype(DType::U8)?
         .to_vec1::<u8>()?)
+}
+
+/// A TTA view (transpose H and W, flip H, flip W) of `x` [N, C, H, W], or with `inverse` the
+/// map back from the view (the flips commute, so only the transpose moves).
+fn map_view(x: &Tensor, (transpose, fh, fw): (bool, bool, bool), inverse: bool) -> Result<Tensor> {
+    let mut v = x.clone();
+    if transpose && !inverse {
+        v = v.transpose(2, 3)?.contiguous()?;
+    }
+    if fh {
+        v = flip(&v, 2)?;
+    }
+    if fw {
+        v = flip(&v, 3)?;
+    }
+    if transpose && inverse {
+        v = v.transpose(2, 3)?.contiguous()?;
+    }
+    Ok(v)
 }
 
 /// Mirror along dimension `dim`.

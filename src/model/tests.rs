@@ -8,6 +8,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::checkpoint::{self, Preprocess};
 use super::layers::Dropout;
+use super::ops::max_abs_diff;
 use super::resnet::{Block, ResNet};
 use super::{Net, Pass, SegModel};
 use crate::config::schema::{Arch, Backbone, ModelConfig, Normalize, Upsample};
@@ -31,17 +32,6 @@ fn unet(widths: &[usize], upsample: Upsample) -> ModelConfig {
 
 fn input(n: usize, h: usize, w: usize) -> Tensor {
     Tensor::randn(0f32, 1f32, (n, 3, h, w), &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn preprocess() -> Preprocess {

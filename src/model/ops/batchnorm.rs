@@ -469,6 +469,7 @@ impl CustomOp3 for BnTrain {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ops::max_abs_diff;
     use candle_core::Device;
 
     fn bn(c: usize) -> BatchNorm2d {
@@ -482,17 +483,6 @@ mod tests {
             momentum: 0.1,
             eps: 1e-5,
         }
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     /// The fused CPU path and the tensor-op fallback agree on outputs, gradients and running
@@ -514,21 +504,21 @@ mod tests {
         let gy = Tensor::randn(0.0f64, 1.0, (3, 4, 5, 6), &dev).unwrap();
         let y1 = fused_bn.forward(&x, true).unwrap();
         let y2 = plain_bn.forward_train_tensor_ops(&x, 90).unwrap();
-        assert!(max_diff(&y1, &y2) < 1e-10);
+        assert!(max_abs_diff(&y1, &y2) < 1e-10);
         let g1 = (y1 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (y2 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
-        assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-10);
+        assert!(max_abs_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-10);
         for (a, b) in [
             (&fused_bn.weight, &plain_bn.weight),
             (&fused_bn.bias, &plain_bn.bias),
         ] {
-            assert!(max_diff(g1.get(a).unwrap(), g2.get(b).unwrap()) < 1e-10);
+            assert!(max_abs_diff(g1.get(a).unwrap(), g2.get(b).unwrap()) < 1e-10);
         }
         for (a, b) in [
             (&fused_bn.running_mean, &plain_bn.running_mean),
             (&fused_bn.running_var, &plain_bn.running_var),
         ] {
-            assert!(max_diff(a.as_tensor(), b.as_tensor()) < 1e-12);
+            assert!(max_abs_diff(a.as_tensor(), b.as_tensor()) < 1e-12);
         }
     }
 
@@ -541,7 +531,7 @@ mod tests {
         let gy = Tensor::randn(0.0f64, 1.0, (3, 4, 5, 6), &dev).unwrap();
         let y1 = bn.forward_relu(&x, true).unwrap();
         let y2 = super::super::relu::relu(&bn.forward(&x, true).unwrap()).unwrap();
-        assert_eq!(max_diff(&y1, &y2), 0.0);
+        assert_eq!(max_abs_diff(&y1, &y2), 0.0);
         let clipped = y1
             .eq(0.0)
             .unwrap()
@@ -554,7 +544,7 @@ mod tests {
         let g1 = (y1 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (y2 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [x.as_tensor(), bn.weight.as_tensor(), bn.bias.as_tensor()] {
-            assert!(max_diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-12);
+            assert!(max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-12);
         }
     }
 

@@ -239,6 +239,7 @@ pub(crate) fn conv_transpose2d_cpu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ops::max_abs_diff;
     use candle_core::{Device, Var};
 
     /// The custom op equals the Candle-ops construction: output and both gradients, with an
@@ -253,23 +254,13 @@ mod tests {
             let r = Tensor::randn(0.0f64, 1.0, (3, o, 8, 10), &dev).unwrap();
             let y1 = conv_transpose2d_cpu(x.as_tensor(), w.as_tensor()).unwrap();
             let y2 = super::super::conv_transpose2d_matmul(x.as_tensor(), w.as_tensor()).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| {
-                (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
-            assert!(diff(&y1, &y2) < 1e-12);
+            assert!(max_abs_diff(&y1, &y2) < 1e-12);
             let g1 = (y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (y2 * &r).unwrap().sum_all().unwrap().backward().unwrap();
             for v in [x.as_tensor(), w.as_tensor()] {
                 let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
                 assert!(a.sum_all().unwrap().to_scalar::<f64>().unwrap().abs() > 0.0);
-                assert!(diff(a, b) < 1e-12, "C={c} O={o}");
+                assert!(max_abs_diff(a, b) < 1e-12, "C={c} O={o}");
             }
         }
     }

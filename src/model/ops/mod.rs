@@ -140,3 +140,16 @@ fn conv_transpose2d_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         .permute(vec![0, 3, 1, 4, 2, 5])?
         .reshape((n, o, h * s, wd * s))
 }
+
+/// Largest |a − b| over all elements (f32 or f64 tensors of one shape), for tests.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .and_then(|d| {
+            d.abs()?
+                .max_all()?
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()
+        })
+        .expect("max_abs_diff: tensors of one shape and float dtype")
+}
