@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use driveline::config::{self, Loaded};
 use driveline::pipeline::runner::{self, ExperimentReport};
@@ -34,46 +34,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the stale stages of experiments (default: the embedded quick experiment).
-    Run {
-        experiments: Vec<PathBuf>,
-        /// Override a key: --set train.lr=3e-4 (repeatable).
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Stop after this stage.
-        #[arg(long)]
-        until: Option<String>,
-        /// Re-run this stage and everything downstream even if cached.
-        #[arg(long)]
-        force: Option<String>,
-        /// Show what would run, run nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Print one JSON object on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Run(RunArgs),
     /// Show fresh/stale per stage, with the reason; runs nothing.
-    Status {
-        experiments: Vec<PathBuf>,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        #[arg(long)]
-        json: bool,
-    },
+    Status(StatusArgs),
     /// Run experiments (what is stale) and write their comparison report to reports/<name>/.
-    Report {
-        experiments: Vec<PathBuf>,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Report name: the folder under --out.
-        #[arg(long, default_value = "comparison")]
-        name: String,
-        /// Where reports go (default: <project>/reports).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        #[arg(long)]
-        json: bool,
-    },
+    Report(ReportArgs),
     /// Time training steps, inference or data loading on this machine.
     Bench {
         #[command(subcommand)]
@@ -84,48 +49,98 @@ enum Cmd {
     },
     /// Segment images with a trained checkpoint: <stem>_prob.png, <stem>_mask.png and
     /// <stem>_overlay.png per image, at the image's own resolution.
-    Infer {
-        /// Checkpoint written by the train stage, e.g. runs/quick/train/best_model_iou.safetensors.
-        #[arg(long)]
-        model: PathBuf,
-        /// An image, or a folder of images (tif, tiff, png, jpg, jpeg, gif, bmp).
-        #[arg(long)]
-        input: PathBuf,
-        /// Resize images to this square side (default: as the checkpoint was trained).
-        #[arg(long)]
-        imgsz: Option<u32>,
-        /// Output folder (default: runs/infer/<experiment>/<stem>/ for runs/<experiment>/train/<stem>.safetensors, else runs/infer/<stem>/).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// cpu, cuda, cuda:N or auto.
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// Test-time augmentation: none, flip (the default when the flag has no value: the
-        /// image and its mirror) or dihedral (the 8 rotations/mirrors).
-        #[arg(long, value_name = "KIND", num_args = 0..=1, default_value = "none", default_missing_value = "flip")]
-        tta: driveline::config::Tta,
-        /// Vessel probability threshold for the mask.
-        #[arg(long, default_value_t = 0.5)]
-        threshold: f32,
-        /// Native-resolution models: predict in tiles of this side (0: whole image).
-        #[arg(long, default_value_t = 0)]
-        tile: u32,
-        /// Overlap between tiles.
-        #[arg(long, default_value_t = 64)]
-        overlap: u32,
-        /// No progress output.
-        #[arg(long, short)]
-        quiet: bool,
-    },
+    Infer(InferArgs),
     /// Print an experiment's stage graph.
-    Dag {
-        experiment: Option<PathBuf>,
-        #[arg(long = "set", value_name = "KEY=VALUE")]
-        sets: Vec<String>,
-        /// Graphviz output.
-        #[arg(long)]
-        dot: bool,
-    },
+    Dag(DagArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    experiments: Vec<PathBuf>,
+    /// Override a key: --set train.lr=3e-4 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Stop after this stage.
+    #[arg(long)]
+    until: Option<String>,
+    /// Re-run this stage and everything downstream even if cached.
+    #[arg(long)]
+    force: Option<String>,
+    /// Show what would run, run nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    experiments: Vec<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    experiments: Vec<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Report name: the folder under --out.
+    #[arg(long, default_value = "comparison")]
+    name: String,
+    /// Where reports go (default: <project>/reports).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InferArgs {
+    /// Checkpoint written by the train stage, e.g. runs/quick/train/best_model_iou.safetensors.
+    #[arg(long)]
+    model: PathBuf,
+    /// An image, or a folder of images (tif, tiff, png, jpg, jpeg, gif, bmp).
+    #[arg(long)]
+    input: PathBuf,
+    /// Resize images to this square side (default: as the checkpoint was trained).
+    #[arg(long)]
+    imgsz: Option<u32>,
+    /// Output folder (default: runs/infer/<experiment>/<stem>/ for runs/<experiment>/train/<stem>.safetensors, else runs/infer/<stem>/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Test-time augmentation: none, flip (the default when the flag has no value: the
+    /// image and its mirror) or dihedral (the 8 rotations/mirrors).
+    #[arg(long, value_name = "KIND", num_args = 0..=1, default_value = "none", default_missing_value = "flip")]
+    tta: driveline::config::Tta,
+    /// Vessel probability threshold for the mask.
+    #[arg(long, default_value_t = 0.5)]
+    threshold: f32,
+    /// Native-resolution models: predict in tiles of this side (0: whole image).
+    #[arg(long, default_value_t = 0)]
+    tile: u32,
+    /// Overlap between tiles.
+    #[arg(long, default_value_t = 64)]
+    overlap: u32,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct DagArgs {
+    experiment: Option<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Graphviz output.
+    #[arg(long)]
+    dot: bool,
 }
 
 #[derive(Subcommand)]
@@ -233,246 +248,248 @@ fn real_main(cli: Cli) -> Result<()> {
             .build_global()
             .context("cannot configure the thread pool")?;
     }
+    let g = Global {
+        cache_dir: cli.cache_dir,
+    };
     match cli.cmd {
-        Cmd::Run {
-            experiments,
-            sets,
-            until,
-            force,
-            dry_run,
-            json,
-        } => {
-            let exps = load_all(&experiments, &sets)?;
-            let env = Env::new(&project_root(&experiments), cli.cache_dir.as_deref())?;
-            let opts = RunOptions {
-                until,
-                force,
-                dry_run,
-                quiet: json,
-            };
-            let reports = run_all(&env, &exps, &opts)?;
-            if json {
-                print_json(&reports)?;
-            }
-            Ok(())
+        Cmd::Run(a) => cmd_run(&g, a),
+        Cmd::Status(a) => cmd_status(&g, a),
+        Cmd::Report(a) => cmd_report(&g, a),
+        Cmd::Bench { what, json } => cmd_bench(&g, what, json),
+        Cmd::Infer(a) => cmd_infer(a),
+        Cmd::Dag(a) => cmd_dag(a),
+    }
+}
+
+/// Options every subcommand shares.
+struct Global {
+    cache_dir: Option<PathBuf>,
+}
+
+impl Global {
+    /// Where the experiments' project lives and its cache.
+    fn env(&self, experiments: &[PathBuf]) -> Result<Env> {
+        Env::new(&project_root(experiments), self.cache_dir.as_deref())
+    }
+}
+
+/// `driveline run`: run the stale stages.
+fn cmd_run(g: &Global, a: RunArgs) -> Result<()> {
+    let exps = load_all(&a.experiments, &a.sets)?;
+    let env = g.env(&a.experiments)?;
+    let opts = RunOptions {
+        until: a.until,
+        force: a.force,
+        dry_run: a.dry_run,
+        quiet: a.json,
+    };
+    let reports = run_all(&env, &exps, &opts)?;
+    if a.json {
+        print_json(&reports)?;
+    }
+    Ok(())
+}
+
+/// `driveline status`: fresh/stale per stage and why; runs nothing.
+fn cmd_status(g: &Global, a: StatusArgs) -> Result<()> {
+    let exps = load_all(&a.experiments, &a.sets)?;
+    let env = g.env(&a.experiments)?;
+    let mut reports = Vec::new();
+    for l in &exps {
+        let pipeline = Pipeline::load(&l.exp.pipeline, &env.project_root)?;
+        let planned = runner::plan(&env, l, &pipeline)?;
+        if !a.json {
+            println!("{} ({})", l.exp.name, pipeline.name);
         }
-        Cmd::Status {
-            experiments,
-            sets,
-            json,
-        } => {
-            let exps = load_all(&experiments, &sets)?;
-            let env = Env::new(&project_root(&experiments), cli.cache_dir.as_deref())?;
-            let mut reports = Vec::new();
-            for l in &exps {
-                let pipeline = Pipeline::load(&l.exp.pipeline, &env.project_root)?;
-                let planned = runner::plan(&env, l, &pipeline)?;
-                if !json {
-                    println!("{} ({})", l.exp.name, pipeline.name);
+        let mut stages = Vec::new();
+        for p in planned {
+            if !a.json {
+                match &p.stale {
+                    None => println!("  {}: fresh ({})", p.name, &p.key[..12]),
+                    Some(r) => println!("  {}: stale ({r})", p.name),
                 }
-                let mut stages = Vec::new();
-                for p in planned {
-                    if !json {
-                        match &p.stale {
-                            None => println!("  {}: fresh ({})", p.name, &p.key[..12]),
-                            Some(r) => println!("  {}: stale ({r})", p.name),
-                        }
-                    }
-                    stages.push(runner::StageReport {
-                        name: p.name,
-                        status: if p.stale.is_some() { "stale" } else { "fresh" }.into(),
-                        key: p.key,
-                        seconds: 0.0,
-                        reason: p.stale,
-                        role: String::new(),
-                    });
-                }
-                reports.push(ExperimentReport {
-                    name: l.exp.name.clone(),
-                    stages,
-                });
             }
-            if json {
-                print_json(&reports)?;
-            }
-            Ok(())
+            stages.push(runner::StageReport {
+                name: p.name,
+                status: if p.stale.is_some() { "stale" } else { "fresh" }.into(),
+                key: p.key,
+                seconds: 0.0,
+                reason: p.stale,
+                role: String::new(),
+            });
         }
-        Cmd::Report {
-            experiments,
-            sets,
-            name,
-            out,
-            json,
-        } => {
-            if experiments.is_empty() {
-                bail!("name the experiments to compare, e.g. driveline report experiments/r50_512.toml experiments/r101_640.toml");
-            }
-            if name.is_empty() || name.contains('/') || name.starts_with('.') {
-                bail!("--name {name:?}: a plain folder name is needed");
-            }
-            let exps = load_all(&experiments, &sets)?;
-            let env = Env::new(&project_root(&experiments), cli.cache_dir.as_deref())?;
-            let opts = RunOptions {
-                quiet: json,
-                ..RunOptions::default()
-            };
-            let reports = run_all(&env, &exps, &opts)?;
-            let mut keys = Vec::new();
-            for r in &reports {
-                let Some(st) = r.stages.iter().find(|s| s.role == "report") else {
-                    bail!("experiment `{}`: its pipeline has no report stage", r.name);
-                };
-                keys.push((r.name.clone(), st.key.clone()));
-            }
-            let out_root = out.unwrap_or_else(|| env.project_root.join("reports"));
-            let t0 = std::time::Instant::now();
-            let (key, ran) = driveline::stages::report::compare(&env, &name, &keys, &out_root)?;
-            let dest = out_root.join(&name);
-            if json {
-                let v = serde_json::json!({
-                    "experiments": reports,
-                    "report": {"name": name, "status": if ran {"ran"} else {"cached"}, "key": key,
-                               "seconds": t0.elapsed().as_secs_f64(), "path": dest},
-                });
-                println!("{}", serde_json::to_string(&v)?);
-            } else {
-                println!(
-                    "report `{name}`: {} → {}",
-                    if ran { "written" } else { "up to date" },
-                    dest.join("index.html").display()
-                );
-            }
-            Ok(())
-        }
-        Cmd::Bench { what, json } => {
-            let r = match what {
-                BenchCmd::TrainStep {
-                    arch,
-                    backbone,
-                    imgsz,
-                    batch,
-                    steps,
-                    warmup,
-                    loss,
-                } => driveline::bench::train_step(
-                    arch,
-                    backbone,
-                    imgsz,
-                    batch,
-                    steps.max(1),
-                    warmup,
-                    loss,
-                )?,
-                BenchCmd::Infer {
-                    arch,
-                    backbone,
-                    imgsz,
-                    image,
-                    steps,
-                } => {
-                    driveline::bench::infer(arch, backbone, imgsz, image.as_deref(), steps.max(1))?
-                }
-                BenchCmd::Data {
-                    experiment,
-                    sets,
-                    reps,
-                } => {
-                    let files = vec![experiment];
-                    let exps = load_all(&files, &sets)?;
-                    let env = Env::new(&project_root(&files), cli.cache_dir.as_deref())?;
-                    let l = &exps[0];
-                    let opts = RunOptions {
-                        until: Some("preprocess".into()),
-                        quiet: true,
-                        ..RunOptions::default()
-                    };
-                    let rep = runner::run(&env, l, &opts, &mut BTreeSet::new())?;
-                    let pre = rep
-                        .stages
-                        .iter()
-                        .find(|s| s.role == "preprocess")
-                        .context("the pipeline has no preprocess stage")?;
-                    let ds = driveline::stages::preprocess::load(&env.cache.object_dir(&pre.key))?;
-                    driveline::bench::data_epoch(&l.exp, &ds, reps.max(1))?
-                }
-            };
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!("{}", r.human());
-            }
-            Ok(())
-        }
-        Cmd::Infer {
-            model,
-            input,
+        reports.push(ExperimentReport {
+            name: l.exp.name.clone(),
+            stages,
+        });
+    }
+    if a.json {
+        print_json(&reports)?;
+    }
+    Ok(())
+}
+
+/// `driveline report`: run what is stale, then the comparison report in `reports/<name>/`.
+fn cmd_report(g: &Global, a: ReportArgs) -> Result<()> {
+    if a.experiments.is_empty() {
+        bail!("name the experiments to compare, e.g. driveline report experiments/r50_512.toml experiments/r101_640.toml");
+    }
+    let name = a.name;
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        bail!("--name {name:?}: a plain folder name is needed");
+    }
+    let exps = load_all(&a.experiments, &a.sets)?;
+    let env = g.env(&a.experiments)?;
+    let opts = RunOptions {
+        quiet: a.json,
+        ..RunOptions::default()
+    };
+    let reports = run_all(&env, &exps, &opts)?;
+    let mut keys = Vec::new();
+    for r in &reports {
+        let Some(st) = r.stages.iter().find(|s| s.role == "report") else {
+            bail!("experiment `{}`: its pipeline has no report stage", r.name);
+        };
+        keys.push((r.name.clone(), st.key.clone()));
+    }
+    let out_root = a.out.unwrap_or_else(|| env.project_root.join("reports"));
+    let t0 = std::time::Instant::now();
+    let (key, ran) = driveline::stages::report::compare(&env, &name, &keys, &out_root)?;
+    let dest = out_root.join(&name);
+    if a.json {
+        let v = serde_json::json!({
+            "experiments": reports,
+            "report": {"name": name, "status": if ran {"ran"} else {"cached"}, "key": key,
+                       "seconds": t0.elapsed().as_secs_f64(), "path": dest},
+        });
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "report `{name}`: {} → {}",
+            if ran { "written" } else { "up to date" },
+            dest.join("index.html").display()
+        );
+    }
+    Ok(())
+}
+
+/// `driveline bench ...`: one benchmark, human-readable or JSON.
+fn cmd_bench(g: &Global, what: BenchCmd, json: bool) -> Result<()> {
+    let r = match what {
+        BenchCmd::TrainStep {
+            arch,
+            backbone,
             imgsz,
-            out,
-            device,
-            tta,
-            threshold,
-            tile,
-            overlap,
-            quiet,
+            batch,
+            steps,
+            warmup,
+            loss,
         } => {
-            let summary = driveline::infer::run(&driveline::infer::InferOptions {
-                model,
-                input,
-                out,
-                imgsz,
-                device,
-                tta,
-                threshold,
-                tile,
-                overlap,
-                quiet,
-            })?;
-            println!(
-                "{} image(s) → {}{}",
-                summary.images.len(),
-                summary.out.display(),
-                match summary.skipped.len() {
-                    0 => String::new(),
-                    n => format!(" ({n} non-image file(s) skipped)"),
-                }
-            );
-            Ok(())
+            driveline::bench::train_step(arch, backbone, imgsz, batch, steps.max(1), warmup, loss)?
         }
-        Cmd::Dag {
+        BenchCmd::Infer {
+            arch,
+            backbone,
+            imgsz,
+            image,
+            steps,
+        } => driveline::bench::infer(arch, backbone, imgsz, image.as_deref(), steps.max(1))?,
+        BenchCmd::Data {
             experiment,
             sets,
-            dot,
-        } => {
-            let files: Vec<PathBuf> = experiment.into_iter().collect();
-            let exps = load_all(&files, &sets)?;
-            let root = project_root(&files);
-            for l in &exps {
-                let p = Pipeline::load(&l.exp.pipeline, &root)?;
-                if dot {
-                    print!("{}", p.to_dot());
-                } else {
-                    println!(
-                        "{}: pipeline `{}` ({})",
-                        l.exp.name,
-                        p.name,
-                        p.file.display()
-                    );
-                    for s in &p.stages {
-                        let needs = if s.needs.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" ← {}", s.needs.join(", "))
-                        };
-                        println!("  {} [{}]{needs}", s.name, s.kind());
-                        if !s.params.is_empty() {
-                            println!("      params: {}", s.params.join(", "));
-                        }
-                    }
-                }
+            reps,
+        } => bench_data(g, experiment, &sets, reps)?,
+    };
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("{}", r.human());
+    }
+    Ok(())
+}
+
+/// `driveline bench data`: the experiment's stages up to preprocess, then epochs of batches.
+fn bench_data(
+    g: &Global,
+    experiment: PathBuf,
+    sets: &[String],
+    reps: usize,
+) -> Result<driveline::bench::BenchResult> {
+    let files = vec![experiment];
+    let exps = load_all(&files, sets)?;
+    let env = g.env(&files)?;
+    let l = &exps[0];
+    let opts = RunOptions {
+        until: Some("preprocess".into()),
+        quiet: true,
+        ..RunOptions::default()
+    };
+    let rep = runner::run(&env, l, &opts, &mut BTreeSet::new())?;
+    let pre = rep
+        .stages
+        .iter()
+        .find(|s| s.role == "preprocess")
+        .context("the pipeline has no preprocess stage")?;
+    let ds = driveline::stages::preprocess::load(&env.cache.object_dir(&pre.key))?;
+    driveline::bench::data_epoch(&l.exp, &ds, reps.max(1))
+}
+
+/// `driveline infer`: segment new images with a trained checkpoint.
+fn cmd_infer(a: InferArgs) -> Result<()> {
+    let summary = driveline::infer::run(&driveline::infer::InferOptions {
+        model: a.model,
+        input: a.input,
+        out: a.out,
+        imgsz: a.imgsz,
+        device: a.device,
+        tta: a.tta,
+        threshold: a.threshold,
+        tile: a.tile,
+        overlap: a.overlap,
+        quiet: a.quiet,
+    })?;
+    println!(
+        "{} image(s) → {}{}",
+        summary.images.len(),
+        summary.out.display(),
+        match summary.skipped.len() {
+            0 => String::new(),
+            n => format!(" ({n} non-image file(s) skipped)"),
+        }
+    );
+    Ok(())
+}
+
+/// `driveline dag`: print an experiment's stage graph.
+fn cmd_dag(a: DagArgs) -> Result<()> {
+    let files: Vec<PathBuf> = a.experiment.into_iter().collect();
+    let exps = load_all(&files, &a.sets)?;
+    let root = project_root(&files);
+    for l in &exps {
+        let p = Pipeline::load(&l.exp.pipeline, &root)?;
+        if a.dot {
+            print!("{}", p.to_dot());
+            continue;
+        }
+        println!(
+            "{}: pipeline `{}` ({})",
+            l.exp.name,
+            p.name,
+            p.file.display()
+        );
+        for s in &p.stages {
+            let needs = if s.needs.is_empty() {
+                String::new()
+            } else {
+                format!(" ← {}", s.needs.join(", "))
+            };
+            println!("  {} [{}]{needs}", s.name, s.kind());
+            if !s.params.is_empty() {
+                println!("      params: {}", s.params.join(", "));
             }
-            Ok(())
         }
     }
+    Ok(())
 }
 
 fn print_json(reports: &[ExperimentReport]) -> Result<()> {
