@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use driveline::config::{self, Loaded};
 use driveline::pipeline::runner::{self, ExperimentReport};
+use driveline::pipeline::{cache, gc};
 use driveline::pipeline::{Env, Pipeline, RunOptions};
 
 /// The embedded default experiment: synthetic data and a small model, end to end in minutes.
@@ -52,6 +53,42 @@ enum Cmd {
     Infer(InferArgs),
     /// Print an experiment's stage graph.
     Dag(DagArgs),
+    /// Remove cached outputs that no runs/ link, installed report or --keep experiment reaches.
+    Gc(GcArgs),
+    /// Inspect the cache.
+    Cache {
+        #[command(subcommand)]
+        what: CacheCmd,
+    },
+}
+
+#[derive(Args)]
+struct GcArgs {
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Also keep every stage of these experiments (as they are planned now).
+    #[arg(long, value_name = "EXP.toml", num_args = 1..)]
+    keep: Vec<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Re-hash published outputs against their manifests; damaged ones are quarantined.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The experiments whose outputs to check (default: what runs/ and reports/ refer to).
+    experiments: Vec<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Check every object in the cache.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Args)]
@@ -258,6 +295,10 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Bench { what, json } => cmd_bench(&g, what, json),
         Cmd::Infer(a) => cmd_infer(a),
         Cmd::Dag(a) => cmd_dag(a),
+        Cmd::Gc(a) => cmd_gc(&g, a),
+        Cmd::Cache {
+            what: CacheCmd::Verify(a),
+        } => cmd_cache_verify(&g, a),
     }
 }
 
@@ -353,20 +394,19 @@ fn cmd_report(g: &Global, a: ReportArgs) -> Result<()> {
         keys.push((r.name.clone(), st.key.clone()));
     }
     let out_root = a.out.unwrap_or_else(|| env.project_root.join("reports"));
-    let t0 = std::time::Instant::now();
-    let (key, ran) = driveline::stages::report::compare(&env, &name, &keys, &out_root)?;
+    let (st, written) = runner::run_compare(&env, &name, &keys, &out_root, &opts)?;
     let dest = out_root.join(&name);
     if a.json {
         let v = serde_json::json!({
             "experiments": reports,
-            "report": {"name": name, "status": if ran {"ran"} else {"cached"}, "key": key,
-                       "seconds": t0.elapsed().as_secs_f64(), "path": dest},
+            "report": {"name": name, "status": st.status, "key": st.key,
+                       "seconds": st.seconds, "path": dest},
         });
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
             "report `{name}`: {} → {}",
-            if ran { "written" } else { "up to date" },
+            if written { "written" } else { "up to date" },
             dest.join("index.html").display()
         );
     }
@@ -488,6 +528,95 @@ fn cmd_dag(a: DagArgs) -> Result<()> {
                 println!("      params: {}", s.params.join(", "));
             }
         }
+    }
+    Ok(())
+}
+
+/// The keys of every stage of `files`' experiments, as planned now.
+fn planned_keys(env: &Env, files: &[PathBuf], sets: &[String]) -> Result<BTreeSet<String>> {
+    let mut keys = BTreeSet::new();
+    if files.is_empty() {
+        return Ok(keys);
+    }
+    for l in load_all(files, sets)? {
+        let pipeline = Pipeline::load(&l.exp.pipeline, &env.project_root)?;
+        keys.extend(runner::plan(env, &l, &pipeline)?.into_iter().map(|p| p.key));
+    }
+    Ok(keys)
+}
+
+/// `driveline gc`: remove what nothing reaches.
+fn cmd_gc(g: &Global, a: GcArgs) -> Result<()> {
+    let env = g.env(&a.keep)?;
+    let mut roots = gc::referenced(&env)?;
+    roots.extend(planned_keys(&env, &a.keep, &a.sets)?);
+    let keep = gc::closure(&env.cache, &roots);
+    let r = gc::gc(&env.cache, &keep, a.dry_run)?;
+    let verb = if a.dry_run { "would remove" } else { "removed" };
+    for x in &r.removed {
+        let what = match &x.stage {
+            Some(s) => format!("{} (stage {s})", x.what),
+            None => x.what.to_string(),
+        };
+        println!(
+            "  {verb} {what} {} ({})",
+            cache::short(&x.key),
+            gc::human_bytes(x.bytes)
+        );
+    }
+    for k in &r.in_use {
+        println!("  kept {}: in use by another process", cache::short(k));
+    }
+    println!(
+        "kept {} object(s), {} (reached from runs/, reports/{}); {verb} {} folder(s), {} {}",
+        r.kept,
+        gc::human_bytes(r.kept_bytes),
+        if a.keep.is_empty() { "" } else { " and --keep" },
+        r.removed.len(),
+        gc::human_bytes(r.freed()),
+        if a.dry_run { "would be freed" } else { "freed" },
+    );
+    if r.quarantine_bytes > 0 {
+        println!(
+            "quarantined objects: {} in {} (left for inspection; delete by hand)",
+            gc::human_bytes(r.quarantine_bytes),
+            gc::quarantine_dir(&env.cache).display()
+        );
+    }
+    Ok(())
+}
+
+/// `driveline cache verify`: hash published outputs against their manifests.
+fn cmd_cache_verify(g: &Global, a: VerifyArgs) -> Result<()> {
+    let env = g.env(&a.experiments)?;
+    let keys = if a.all {
+        env.cache.keys()?.into_iter().collect()
+    } else if a.experiments.is_empty() {
+        gc::closure(&env.cache, &gc::referenced(&env)?)
+    } else {
+        planned_keys(&env, &a.experiments, &a.sets)?
+    };
+    let t0 = std::time::Instant::now();
+    let r = gc::verify(&env.cache, &keys);
+    for d in &r.damaged {
+        println!("BAD {d}");
+    }
+    for k in &r.missing {
+        println!("missing {} (not computed yet)", cache::short(k));
+    }
+    println!(
+        "verified {} object(s), {} in {:.2} s: {} damaged",
+        r.good + r.damaged.len(),
+        gc::human_bytes(r.bytes),
+        t0.elapsed().as_secs_f64(),
+        r.damaged.len()
+    );
+    if !r.damaged.is_empty() {
+        bail!(
+            "{} damaged object(s) moved to {}; `driveline run` recomputes them",
+            r.damaged.len(),
+            gc::quarantine_dir(&env.cache).display()
+        );
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod dag;
+pub mod gc;
 pub mod progress;
 pub mod runner;
 
