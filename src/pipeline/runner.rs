@@ -98,11 +98,15 @@ pub struct Planned {
 
 impl Planned {
     /// The experiment as this stage may see it: the values of its params (and `data.root`
-    /// when it reads the dataset), every other key at its default.
+    /// when it reads the dataset), every other key at its default. Params that are not
+    /// experiment keys (the comparison's `order`) are not part of it.
     pub fn view(&self) -> Result<Experiment> {
         let mut v = serde_json::to_value(Experiment::template())?;
         for (k, val) in &self.params {
-            set_path(&mut v, k, val.clone());
+            let top = k.split('.').next().unwrap_or_default();
+            if v.get(top).is_some() {
+                set_path(&mut v, k, val.clone());
+            }
         }
         if let Some(root) = &self.data_root {
             set_path(&mut v, "data.root", Value::String(root.clone()));
