@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 use driveline::config::{self, Loaded};
 use driveline::pipeline::runner::{self, ExperimentReport};
-use driveline::pipeline::{cache, gc};
+use driveline::pipeline::schedule::Plan;
+use driveline::pipeline::{cache, executor, gc};
 use driveline::pipeline::{Env, Pipeline, RunOptions};
 
 /// The embedded default experiment: synthetic data and a small model, end to end in minutes.
@@ -55,6 +56,14 @@ enum Cmd {
     Dag(DagArgs),
     /// Remove cached outputs that no runs/ link, installed report or --keep experiment reaches.
     Gc(GcArgs),
+    /// Compute one planned stage (what local children and Slurm jobs run).
+    #[command(hide = true)]
+    ExecStage {
+        #[arg(long)]
+        spec: PathBuf,
+        #[arg(long)]
+        result: PathBuf,
+    },
     /// Inspect the cache.
     Cache {
         #[command(subcommand)]
@@ -109,6 +118,25 @@ struct RunArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    exec: ExecArgs,
+}
+
+/// Where stages run.
+#[derive(Args)]
+struct ExecArgs {
+    /// `local` (this machine) or `slurm` (each stage a batch job on the cluster).
+    #[arg(long, env = "DRIVELINE_EXECUTOR", default_value = "local")]
+    executor: String,
+    /// The most stages running at once (local executor; Slurm queues what it cannot run).
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// Slurm: seconds between two status polls (one `squeue` call each).
+    #[arg(long, env = "DRIVELINE_POLL_INTERVAL", default_value_t = 5.0)]
+    poll_interval: f64,
+    /// Slurm: leave the submitted jobs running when the driver is interrupted.
+    #[arg(long)]
+    detach: bool,
 }
 
 #[derive(Args)]
@@ -133,6 +161,8 @@ struct ReportArgs {
     out: Option<PathBuf>,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    exec: ExecArgs,
 }
 
 #[derive(Args)]
@@ -287,6 +317,7 @@ fn real_main(cli: Cli) -> Result<()> {
     }
     let g = Global {
         cache_dir: cli.cache_dir,
+        threads: cli.threads,
     };
     match cli.cmd {
         Cmd::Run(a) => cmd_run(&g, a),
@@ -296,6 +327,7 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Infer(a) => cmd_infer(a),
         Cmd::Dag(a) => cmd_dag(a),
         Cmd::Gc(a) => cmd_gc(&g, a),
+        Cmd::ExecStage { spec, result } => cmd_exec_stage(&g, &spec, &result),
         Cmd::Cache {
             what: CacheCmd::Verify(a),
         } => cmd_cache_verify(&g, a),
@@ -305,12 +337,37 @@ fn real_main(cli: Cli) -> Result<()> {
 /// Options every subcommand shares.
 struct Global {
     cache_dir: Option<PathBuf>,
+    threads: Option<usize>,
 }
 
 impl Global {
     /// Where the experiments' project lives and its cache.
     fn env(&self, experiments: &[PathBuf]) -> Result<Env> {
-        Env::new(&project_root(experiments), self.cache_dir.as_deref())
+        let mut env = Env::new(&project_root(experiments), self.cache_dir.as_deref())?;
+        // Jobs and child processes find the cache by this path, from any directory.
+        if let Ok(abs) = env.cache.root.canonicalize() {
+            env.cache.root = abs;
+        }
+        Ok(env)
+    }
+
+    fn executor(
+        &self,
+        env: &Env,
+        a: &ExecArgs,
+        opts: &RunOptions,
+    ) -> Result<Box<dyn executor::Executor>> {
+        executor::select(
+            env,
+            &executor::ExecutorOptions {
+                kind: a.executor.clone(),
+                jobs: a.jobs,
+                threads: self.threads,
+                poll_interval: a.poll_interval,
+                detach: a.detach,
+            },
+            opts,
+        )
     }
 }
 
@@ -324,39 +381,68 @@ fn cmd_run(g: &Global, a: RunArgs) -> Result<()> {
         dry_run: a.dry_run,
         quiet: a.json,
     };
-    let reports = run_all(&env, &exps, &opts)?;
+    let plan = Plan::build(&env, &exps, &opts)?;
+    let mut exec = g.executor(&env, &a.exec, &opts)?;
+    let reports = plan.run(&env, exec.as_mut(), &opts)?;
     if a.json {
-        print_json(&reports)?;
+        println!(
+            "{}",
+            serde_json::to_string(
+                &serde_json::json!({ "experiments": reports, "executor": exec.stats() })
+            )?
+        );
     }
     Ok(())
 }
 
-/// `driveline status`: fresh/stale per stage and why; runs nothing.
+/// `driveline status`: fresh/stale per stage and why, and the Slurm job of each stage queued
+/// or running; runs nothing (a damaged output is moved to quarantine, as by any lookup).
 fn cmd_status(g: &Global, a: StatusArgs) -> Result<()> {
     let exps = load_all(&a.experiments, &a.sets)?;
     let env = g.env(&a.experiments)?;
-    let mut reports = Vec::new();
+    let mut planned = Vec::new();
     for l in &exps {
         let pipeline = Pipeline::load(&l.exp.pipeline, &env.project_root)?;
-        let planned = runner::plan(&env, l, &pipeline)?;
+        planned.push((l, pipeline.name.clone(), runner::plan(&env, l, &pipeline)?));
+    }
+    let stale: BTreeSet<String> = planned
+        .iter()
+        .flat_map(|(_, _, ps)| ps.iter().filter(|p| p.stale.is_some()).map(|p| p.key.clone()))
+        .collect();
+    let jobs = executor::slurm::live_jobs(&env, &stale);
+    let mut reports = Vec::new();
+    for (l, pipeline, ps) in planned {
         if !a.json {
-            println!("{} ({})", l.exp.name, pipeline.name);
+            println!("{} ({pipeline})", l.exp.name);
         }
         let mut stages = Vec::new();
-        for p in planned {
+        for p in ps {
+            let job = jobs.get(&p.key);
             if !a.json {
-                match &p.stale {
-                    None => println!("  {}: fresh ({})", p.name, &p.key[..12]),
-                    Some(r) => println!("  {}: stale ({r})", p.name),
+                match (&p.stale, job) {
+                    (None, _) => println!("  {}: fresh ({})", p.name, cache::short(&p.key)),
+                    (Some(r), Some((id, state))) => println!(
+                        "  {}: {} in Slurm job {id} ({r})",
+                        p.name,
+                        state.to_lowercase()
+                    ),
+                    (Some(r), None) => println!("  {}: stale ({r})", p.name),
                 }
             }
             stages.push(runner::StageReport {
                 name: p.name,
-                status: if p.stale.is_some() { "stale" } else { "fresh" }.into(),
+                status: match (&p.stale, job) {
+                    (None, _) => "fresh".into(),
+                    (Some(_), Some((_, state))) => state.to_lowercase(),
+                    (Some(_), None) => "stale".into(),
+                },
                 key: p.key,
                 seconds: 0.0,
                 reason: p.stale,
                 role: String::new(),
+                started_at: None,
+                finished_at: None,
+                job: job.map(|(id, _)| id.clone()),
             });
         }
         reports.push(ExperimentReport {
@@ -385,19 +471,20 @@ fn cmd_report(g: &Global, a: ReportArgs) -> Result<()> {
         quiet: a.json,
         ..RunOptions::default()
     };
-    let reports = run_all(&env, &exps, &opts)?;
-    let mut keys = Vec::new();
-    for r in &reports {
-        let Some(st) = r.stages.iter().find(|s| s.role == "report") else {
-            bail!("experiment `{}`: its pipeline has no report stage", r.name);
-        };
-        keys.push((r.name.clone(), st.key.clone()));
-    }
     let out_root = a.out.unwrap_or_else(|| env.project_root.join("reports"));
-    let (st, written) = runner::run_compare(&env, &name, &keys, &out_root, &opts)?;
+    let mut plan = Plan::build(&env, &exps, &opts)?;
+    plan.add_compare(&env, &name, &out_root)?;
+    let mut exec = g.executor(&env, &a.exec, &opts)?;
+    let mut reports = plan.run(&env, exec.as_mut(), &opts)?;
+    let st = reports
+        .pop()
+        .and_then(|r| r.stages.into_iter().next())
+        .context("the comparison was not planned")?;
     let dest = out_root.join(&name);
+    let written = runner::install_report(&env, &st.key, &dest)?;
     if a.json {
         let v = serde_json::json!({
+            "executor": exec.stats(),
             "experiments": reports,
             "report": {"name": name, "status": st.status, "key": st.key,
                        "seconds": st.seconds, "path": dest},
@@ -464,7 +551,7 @@ fn bench_data(
         quiet: true,
         ..RunOptions::default()
     };
-    let rep = runner::run(&env, l, &opts, &mut BTreeSet::new())?;
+    let rep = runner::run(&env, l, &opts)?;
     let pre = rep
         .stages
         .iter()
@@ -543,6 +630,13 @@ fn planned_keys(env: &Env, files: &[PathBuf], sets: &[String]) -> Result<BTreeSe
         keys.extend(runner::plan(env, &l, &pipeline)?.into_iter().map(|p| p.key));
     }
     Ok(keys)
+}
+
+/// `driveline exec-stage` (hidden): compute one planned stage; what local children and Slurm
+/// jobs run.
+fn cmd_exec_stage(g: &Global, spec: &Path, result: &Path) -> Result<()> {
+    let env = g.env(&[])?;
+    executor::exec_stage(&env, spec, result)
 }
 
 /// `driveline gc`: remove what nothing reaches.
@@ -627,15 +721,6 @@ fn print_json(reports: &[ExperimentReport]) -> Result<()> {
         serde_json::to_string(&serde_json::json!({ "experiments": reports }))?
     );
     Ok(())
-}
-
-fn run_all(env: &Env, exps: &[Loaded], opts: &RunOptions) -> Result<Vec<ExperimentReport>> {
-    let mut done_now = BTreeSet::new();
-    let mut reports = Vec::new();
-    for l in exps {
-        reports.push(runner::run(env, l, opts, &mut done_now)?);
-    }
-    Ok(reports)
 }
 
 /// The project root: the nearest ancestor of the first experiment file that has a

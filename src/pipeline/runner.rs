@@ -22,7 +22,9 @@ use serde_json::Value;
 
 use super::cache::{hash_file, hash_tree, short, Cache, Check, Manifest, MANIFEST};
 use super::dag::{covers, Pipeline, StageDecl};
+use super::executor::local::InProcess;
 use super::progress::Progress;
+use super::schedule::Plan;
 use crate::config::load::PATH_KEYS;
 use crate::config::{Experiment, Layout, Loaded};
 use crate::stages::{self, DataInputs, StageCtx};
@@ -64,7 +66,7 @@ pub struct RunOptions {
 
 impl RunOptions {
     /// A human-readable status line: stdout, or stderr when stdout carries JSON.
-    fn say(&self, line: &str) {
+    pub fn say(&self, line: &str) {
         if self.quiet {
             eprintln!("{line}");
         } else {
@@ -74,7 +76,7 @@ impl RunOptions {
 }
 
 /// A stage with its key and whether it must run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Planned {
     pub name: String,
     pub kind: String,
@@ -143,6 +145,14 @@ pub struct StageReport {
     /// The stage's role (`split`, `train`, `report`, ...).
     #[serde(skip)]
     pub role: String,
+    /// Unix times (seconds) when its computation started and ended (stages that ran).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<f64>,
+    /// The Slurm job that computed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -396,113 +406,19 @@ fn diff_values(key: &str, old: &Value, new: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// Run (or, with `dry_run`, only plan) one experiment.
-pub fn run(
-    env: &Env,
-    loaded: &Loaded,
-    opts: &RunOptions,
-    done_now: &mut BTreeSet<String>,
-) -> Result<ExperimentReport> {
-    let exp = &loaded.exp;
-    let pipeline = Pipeline::load(&exp.pipeline, &env.project_root)
-        .with_context(|| format!("experiment `{}`: pipeline `{}`", exp.name, exp.pipeline))?;
-    let planned = plan(env, loaded, &pipeline)?;
-    let selected: BTreeSet<String> = match &opts.until {
-        Some(u) => {
-            if pipeline.stage(u).is_none() {
-                bail!(
-                    "--until {u}: no such stage in pipeline `{}` (stages: {})",
-                    pipeline.name,
-                    stage_names(&pipeline)
-                );
-            }
-            let mut s = pipeline.ancestors(u);
-            s.insert(u.clone());
-            s
-        }
-        None => pipeline.stages.iter().map(|s| s.name.clone()).collect(),
-    };
-    let forced: BTreeSet<String> = match &opts.force {
-        Some(f) => {
-            if pipeline.stage(f).is_none() {
-                bail!(
-                    "--force {f}: no such stage in pipeline `{}` (stages: {})",
-                    pipeline.name,
-                    stage_names(&pipeline)
-                );
-            }
-            pipeline.downstream_of(f)
-        }
-        None => BTreeSet::new(),
-    };
-    if !opts.dry_run {
-        opts.say(&format!("{} ({})", exp.name, pipeline.name));
-    }
-    let mut report = ExperimentReport {
-        name: exp.name.clone(),
-        stages: Vec::new(),
-    };
-    for p in planned.iter().filter(|p| selected.contains(&p.name)) {
-        let force = forced.contains(&p.name) && !done_now.contains(&p.key);
-        let r = run_planned(env, &exp.name, p, force, opts)?;
-        if r.status == "ran" {
-            done_now.insert(p.key.clone());
-        }
-        if !opts.dry_run {
-            link_run(env, &exp.name, &p.name, &p.key)?;
-        }
-        report.stages.push(r);
-    }
-    Ok(report)
-}
-
-/// One planned stage: reuse its output, or (unless a dry run) compute and publish it.
-fn run_planned(
-    env: &Env,
-    exp_name: &str,
-    p: &Planned,
-    force: bool,
-    opts: &RunOptions,
-) -> Result<StageReport> {
-    let reason = if force {
-        Some("forced".to_string())
-    } else {
-        p.stale.clone()
-    };
-    let mut r = StageReport {
-        name: p.name.clone(),
-        status: "cached".into(),
-        key: p.key.clone(),
-        seconds: 0.0,
-        reason: reason.clone(),
-        role: p.role.clone(),
-    };
-    match reason {
-        None => opts.say(&format!("  {}: cached ({})", p.name, short(&p.key))),
-        Some(reason) if opts.dry_run => {
-            opts.say(&format!("  {}: stale ({reason})", p.name));
-            r.status = "stale".into();
-        }
-        Some(reason) => {
-            let (status, seconds) = execute(env, exp_name, p, force, opts, &reason)?;
-            r.status = status;
-            r.seconds = seconds;
-        }
-    }
-    Ok(r)
-}
-
-fn stage_names(p: &Pipeline) -> String {
-    p.stages
-        .iter()
-        .map(|s| s.name.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
+/// Run (or, with `dry_run`, only plan) one experiment, in this process.
+pub fn run(env: &Env, loaded: &Loaded, opts: &RunOptions) -> Result<ExperimentReport> {
+    let plan = Plan::build(env, std::slice::from_ref(loaded), opts)?;
+    let mut exec = InProcess::new(opts.clone());
+    plan.run(env, &mut exec, opts)?
+        .into_iter()
+        .next()
+        .context("no experiment planned")
 }
 
 /// Compute and publish one stage, under its key's lock: the one sequence every stage goes
-/// through (experiment stages and the comparison report alike).
-fn execute(
+/// through (experiment stages and the comparison report alike), whatever the executor.
+pub fn execute(
     env: &Env,
     exp_name: &str,
     p: &Planned,
@@ -581,17 +497,16 @@ fn execute(
 /// The file in an installed comparison report that names the object it was copied from.
 pub const REPORT_KEY_FILE: &str = ".driveline-key";
 
-/// The comparison report of experiments already run (`driveline report`): the `compare`
-/// stage, planned from the experiments' `report` stages (`reports`: experiment name and key
-/// of its report stage, in order), run like every other stage, then copied to
-/// `<out_root>/<name>/`. Returns its stage report and whether the copy was (re)written.
-pub fn run_compare(
+/// The comparison report of experiments (`driveline report`), as a planned stage: the
+/// `compare` stage downstream of the experiments' `report` stages (`reports`: experiment name
+/// and key of its report stage, in order). Once it has run, [`install`] copies it to
+/// `<out_root>/<name>/`.
+pub fn plan_compare(
     env: &Env,
     name: &str,
     reports: &[(String, String)],
     out_root: &Path,
-    opts: &RunOptions,
-) -> Result<(StageReport, bool)> {
+) -> Result<Planned> {
     if reports.is_empty() {
         bail!("no experiment to compare");
     }
@@ -605,12 +520,11 @@ pub fn run_compare(
     ]);
     let upstream: BTreeMap<String, String> = reports.iter().cloned().collect();
     let key = stage_key("compare", "compare", imp.version(), &params, &upstream, "");
-    let dest = out_root.join(name);
     let mut p = Planned {
         name: "compare".into(),
         kind: "compare".into(),
         role: imp.role().into(),
-        key: key.clone(),
+        key,
         params,
         inputs: BTreeMap::new(),
         ancestors: upstream
@@ -622,16 +536,21 @@ pub fn run_compare(
         data_root: None,
         stale: None,
     };
-    let prev = fs::read_to_string(dest.join(REPORT_KEY_FILE))
+    let prev = fs::read_to_string(out_root.join(name).join(REPORT_KEY_FILE))
         .ok()
         .and_then(|k| env.cache.lookup(k.trim()));
     p.stale = staleness(env, &p, imp.version(), prev);
-    let r = run_planned(env, name, &p, false, opts)?;
+    Ok(p)
+}
+
+/// Copy the published comparison `key` to `dest` unless it is there already; returns whether
+/// it was (re)written.
+pub fn install_report(env: &Env, key: &str, dest: &Path) -> Result<bool> {
     let installed = fs::read_to_string(dest.join(REPORT_KEY_FILE)).is_ok_and(|s| s.trim() == key);
     if !installed {
-        install(&env.cache.object_dir(&key), &dest, &key)?;
+        install(&env.cache.object_dir(key), dest, key)?;
     }
-    Ok((r, !installed))
+    Ok(!installed)
 }
 
 /// Copy a published comparison to `dest` (a real folder, so it can be opened, moved, or
@@ -677,7 +596,7 @@ fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
 }
 
 /// Point `runs/<exp>/<stage>` at the published object (atomic replace of a symlink).
-fn link_run(env: &Env, exp: &str, stage: &str, key: &str) -> Result<()> {
+pub fn link_run(env: &Env, exp: &str, stage: &str, key: &str) -> Result<()> {
     let dir = env.runs_dir.join(exp);
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let target = env.cache.object_dir(key);
