@@ -407,7 +407,11 @@ fn cmd_status(g: &Global, a: StatusArgs) -> Result<()> {
     }
     let stale: BTreeSet<String> = planned
         .iter()
-        .flat_map(|(_, _, ps)| ps.iter().filter(|p| p.stale.is_some()).map(|p| p.key.clone()))
+        .flat_map(|(_, _, ps)| {
+            ps.iter()
+                .filter(|p| p.stale.is_some())
+                .map(|p| p.key.clone())
+        })
         .collect();
     let jobs = executor::slurm::live_jobs(&env, &stale);
     let mut reports = Vec::new();
@@ -487,7 +491,8 @@ fn cmd_report(g: &Global, a: ReportArgs) -> Result<()> {
             "executor": exec.stats(),
             "experiments": reports,
             "report": {"name": name, "status": st.status, "key": st.key,
-                       "seconds": st.seconds, "path": dest},
+                       "seconds": st.seconds, "path": dest, "started_at": st.started_at,
+                       "finished_at": st.finished_at, "job": st.job},
         });
         println!("{}", serde_json::to_string(&v)?);
     } else {

@@ -508,9 +508,22 @@ fn walk_unknown(
                     _ => leaves.push(path.clone()),
                 }
                 for leaf in leaves {
+                    // Under `resources.<stage>`, suggest among that stage's keys.
+                    let suggestion = match leaf.strip_prefix("resources.") {
+                        Some(rest) if prefix.starts_with("resources.") => {
+                            let stage = rest.split('.').next().unwrap_or_default();
+                            let local: Vec<String> = known_paths
+                                .iter()
+                                .filter_map(|k| k.strip_prefix("resources.default."))
+                                .map(|k| format!("resources.{stage}.{k}"))
+                                .collect();
+                            suggest(&leaf, &local)
+                        }
+                        _ => suggest(&leaf, known_paths),
+                    };
                     problems.push(Problem {
                         origin: origin_of(origins, &leaf),
-                        suggestion: suggest(&leaf, known_paths),
+                        suggestion,
                         key: leaf,
                         message: "unknown key".into(),
                     });

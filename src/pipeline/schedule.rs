@@ -161,7 +161,11 @@ impl Plan {
             reports.push((e.name.clone(), self.nodes[i].planned.key.clone()));
         }
         let p = runner::plan_compare(env, name, &reports, out_root)?;
-        let first = self.experiments.first().map(|e| e.name.clone()).unwrap_or_default();
+        let first = self
+            .experiments
+            .first()
+            .map(|e| e.name.clone())
+            .unwrap_or_default();
         Ok(self.add(p, &first, false, Resources::default()))
     }
 
@@ -183,10 +187,7 @@ impl Plan {
                 let node = &self.nodes[*i];
                 match node.reason() {
                     None => {
-                        opts.say(&format!(
-                            "  {stage}: cached ({})",
-                            short(&node.planned.key)
-                        ));
+                        opts.say(&format!("  {stage}: cached ({})", short(&node.planned.key)));
                         done[*i] = Some(Outcome::cached());
                     }
                     Some(r) if opts.dry_run => opts.say(&format!("  {stage}: stale ({r})")),
@@ -289,10 +290,7 @@ impl Plan {
                     .collect(),
             })
             .collect();
-        let compare = self
-            .nodes
-            .iter()
-            .position(|n| n.planned.kind == "compare");
+        let compare = self.nodes.iter().position(|n| n.planned.kind == "compare");
         if let Some(i) = compare {
             out.push(ExperimentReport {
                 name: "compare".into(),

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 
-use super::{install_signal_handlers, interrupted, job_dir, now, ExecutorOptions, JobSpec, Outcome};
 use super::Executor;
+use super::{
+    install_signal_handlers, interrupted, job_dir, now, ExecutorOptions, JobSpec, Outcome,
+};
 use crate::pipeline::runner::{self, Env, RunOptions};
 use crate::pipeline::schedule::Node;
 
@@ -35,14 +37,21 @@ impl Executor for InProcess {
 
     fn start(&mut self, env: &Env, node: &Node, idx: usize, reason: &str) -> Result<()> {
         let started = now();
-        let res = runner::execute(env, &node.exp, &node.planned, node.force, &self.opts, reason)
-            .map(|(status, seconds)| Outcome {
-                status,
-                seconds,
-                started_at: Some(started),
-                finished_at: Some(now()),
-                job: None,
-            });
+        let res = runner::execute(
+            env,
+            &node.exp,
+            &node.planned,
+            node.force,
+            &self.opts,
+            reason,
+        )
+        .map(|(status, seconds)| Outcome {
+            status,
+            seconds,
+            started_at: Some(started),
+            finished_at: Some(now()),
+            job: None,
+        });
         self.finished.push((idx, res));
         Ok(())
     }
@@ -119,10 +128,7 @@ impl Executor for Processes {
             Running {
                 child,
                 result,
-                what: format!(
-                    "experiment `{}`: stage `{}`",
-                    node.exp, node.planned.name
-                ),
+                what: format!("experiment `{}`: stage `{}`", node.exp, node.planned.name),
             },
         );
         Ok(())
@@ -139,7 +145,10 @@ impl Executor for Processes {
                             .and_then(|t| serde_json::from_str::<Outcome>(&t).ok())
                             .ok_or_else(|| anyhow!("{}: finished without a result", r.what))
                     } else {
-                        Err(anyhow!("{} failed ({status}); its messages are above", r.what))
+                        Err(anyhow!(
+                            "{} failed ({status}); its messages are above",
+                            r.what
+                        ))
                     };
                     out.push((i, res));
                 }

@@ -131,8 +131,7 @@ pub fn exec_stage(env: &Env, spec: &Path, result: &Path) -> Result<()> {
         ..RunOptions::default()
     };
     let started = now();
-    let (status, seconds) =
-        runner::execute(env, &s.exp, &s.planned, s.force, &opts, &s.reason)?;
+    let (status, seconds) = runner::execute(env, &s.exp, &s.planned, s.force, &opts, &s.reason)?;
     let o = Outcome {
         status,
         seconds,

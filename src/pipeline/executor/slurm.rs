@@ -195,8 +195,7 @@ impl Slurm {
         };
         if let Some(rec) = read_record(&dir) {
             // Queued or running at our last look, or submitted since by another driver.
-            let alive =
-                self.snapshot.contains_key(&rec.id) || rec.submitted_at >= self.snapshot_at;
+            let alive = self.snapshot.contains_key(&rec.id) || rec.submitted_at >= self.snapshot_at;
             if alive {
                 job.id = rec.id.clone();
                 job.ours = !pid_alive(rec.driver_pid) || rec.driver_pid == std::process::id();
@@ -528,7 +527,12 @@ fn sbatch(script: &Path) -> Result<String> {
         );
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let id = text.trim().split(';').next().unwrap_or_default().to_string();
+    let id = text
+        .trim()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit() || c == '_') {
         bail!("sbatch printed no job id: {text:?}");
     }
@@ -598,9 +602,13 @@ mod tests {
 
     #[test]
     fn job_state_is_read_from_scontrol_output() {
-        let t = "JobId=12 JobName=dl-x UserId=root(0) JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15";
+        let t =
+            "JobId=12 JobName=dl-x UserId=root(0) JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15";
         assert_eq!(parse_job_state(t).as_deref(), Some("TIMEOUT"));
-        assert_eq!(parse_job_state("slurm_load_jobs error: Invalid job id"), None);
+        assert_eq!(
+            parse_job_state("slurm_load_jobs error: Invalid job id"),
+            None
+        );
     }
 
     #[test]
