@@ -41,3 +41,11 @@ build-cuda *ARGS:
 # Benchmarks: training step, inference, data loading; PyTorch side by side when installed.
 bench *ARGS: build
     bench/run.sh {{ARGS}}
+
+# The Slurm executor's own overhead on the local cluster (scripts/slurm-dev.sh start first).
+bench-slurm *ARGS: build
+    bench/slurm_overhead.py {{ARGS}}
+
+# A single-node Slurm cluster on this machine (root): start, stop or status.
+slurm *ARGS:
+    scripts/slurm-dev.sh {{ARGS}}
