@@ -156,8 +156,42 @@ pub fn gc(cache: &Cache, keep: &BTreeSet<String>, dry_run: bool) -> Result<GcRep
             stage: None,
         });
     }
+    // Job files (scripts, logs) of unreachable keys whose job has ended.
+    let jobs = cache.root.join("jobs");
+    for e in fs::read_dir(&jobs).into_iter().flatten().flatten() {
+        let key = e.file_name().to_string_lossy().into_owned();
+        if keep.contains(&key) || !job_ended(&e.path()) {
+            continue;
+        }
+        let Some(_lock) = cache.try_lock(&format!("{key}.submit"))? else {
+            r.in_use.push(key);
+            continue;
+        };
+        let bytes = dir_size(&e.path());
+        if !dry_run {
+            remove(&e.path())?;
+        }
+        r.removed.push(Removed {
+            what: "job files",
+            key,
+            bytes,
+            stage: None,
+        });
+    }
     r.quarantine_bytes = dir_size(&cache.root.join("quarantine"));
     Ok(r)
+}
+
+/// Whether the Slurm job recorded in a job folder has ended (it wrote its exit status), or
+/// none was submitted from it.
+fn job_ended(dir: &Path) -> bool {
+    let Ok(text) = fs::read_to_string(dir.join("job.json")) else {
+        return true;
+    };
+    let id = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["id"].as_str().map(str::to_string));
+    id.is_some_and(|id| dir.join(format!("exit-{id}")).exists())
 }
 
 fn remove(p: &Path) -> Result<()> {
@@ -290,6 +324,27 @@ mod tests {
         assert!(!c.object_dir("x").exists() && !c.work_dir("w1").exists());
         assert!(c.object_dir("y").exists() && c.work_dir("w2").exists());
         assert!(c.lookup("a").is_some() && c.lookup("b").is_some());
+    }
+
+    #[test]
+    fn gc_removes_job_files_of_ended_jobs_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Cache::open(tmp.path()).unwrap();
+        for (k, id, ended) in [("j1", "5", true), ("j2", "6", false)] {
+            let d = c.root.join("jobs").join(k);
+            fs::create_dir_all(&d).unwrap();
+            fs::write(d.join("job.json"), format!("{{\"id\": \"{id}\"}}")).unwrap();
+            if ended {
+                fs::write(d.join(format!("exit-{id}")), "0\n").unwrap();
+            }
+        }
+        let r = gc(&c, &BTreeSet::new(), false).unwrap();
+        let removed: Vec<&str> = r.removed.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(removed, ["j1"]);
+        assert!(
+            c.root.join("jobs/j2/job.json").exists(),
+            "a live job keeps its files"
+        );
     }
 
     #[test]
