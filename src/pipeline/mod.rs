@@ -2,7 +2,6 @@
 
 pub mod cache;
 pub mod dag;
-pub mod progress;
 pub mod runner;
 
 pub use cache::Cache;

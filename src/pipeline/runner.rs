@@ -13,8 +13,8 @@ use serde_json::Value;
 
 use super::cache::{hash_tree, Cache, Manifest};
 use super::dag::{DataInputs, Pipeline};
-use super::progress::Progress;
 use crate::config::{Layout, Loaded};
+use crate::progress::Progress;
 use crate::stages::{self, StageCtx};
 
 /// Where things live.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 
 use crate::config::Experiment;
-use crate::pipeline::progress::Progress;
+use crate::progress::Progress;
 
 mod debug;
 pub mod evaluate;
