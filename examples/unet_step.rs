@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use driveline::config::schema::{Arch, Experiment, Loss};
 use driveline::model::SegModel;
-use driveline::stages::train::{loss_fn, optim};
+use driveline::training::{loss_fn, optim};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<usize> = std::env::args()

@@ -18,7 +18,7 @@ use crate::config::schema::Loss;
 use crate::config::{Arch, Backbone, Experiment, ModelConfig, Normalize, Tta};
 use crate::model::{ops, SegModel};
 use crate::predict::{Mode, Predictor};
-use crate::stages::train::{loss_fn, optim::Optimizer, peak_rss_mib};
+use crate::training::{build_batch, image_stats, loss_fn, peak_rss_mib, Optimizer};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
@@ -177,7 +177,8 @@ pub fn data_epoch(
 ) -> Result<BenchResult> {
     let aug = crate::data::Augmenter::new(&exp.augment);
     let n = ds.train.len();
-    let stats = crate::stages::train::image_stats(exp, &ds.train);
+    let train: Vec<&crate::data::Sample> = ds.train.iter().map(|p| &p.work).collect();
+    let stats = image_stats(exp, &train);
     let mut times = Vec::new();
     for r in 0..reps + 1 {
         let t0 = Instant::now();
@@ -187,7 +188,7 @@ pub fn data_epoch(
             .enumerate()
         {
             let step = (r * 1000 + s) as u64;
-            crate::stages::train::build_batch(exp, &ds.train, &stats, chunk, &aug, step)?;
+            build_batch(exp, &train, &stats, chunk, &aug, step)?;
         }
         if r > 0 {
             times.push(t0.elapsed().as_secs_f64());

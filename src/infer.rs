@@ -22,8 +22,8 @@ use image::{GrayImage, ImageFormat};
 
 use crate::config::Tta;
 use crate::model::{checkpoint, device};
-use crate::pipeline::progress::Progress;
 use crate::predict::{probs_to_image, Mode, Predictor};
+use crate::progress::Progress;
 use crate::stages::evaluate::overlay;
 
 /// File extensions (lower case) read as images when the input is a folder.

@@ -270,3 +270,79 @@ fn cyclic_and_inconsistent_pipelines() {
     );
     assert!(p.objects().is_empty());
 }
+
+/// `train.precision` other than f32 on the CPU is refused before anything runs, at the line
+/// and column that set it, naming the key and the value.
+#[test]
+fn bf16_precision_on_cpu_is_refused() {
+    let p = Project::new();
+    let text = synthetic_exp("bf").replace("imgsz = 64", "imgsz = 64\nprecision = \"bf16\"");
+    let e = p.experiment("bf", &text);
+    let err = fails(&p, &["run", e.to_str().unwrap()]);
+    assert!(
+        err.contains(
+            "bf.toml:13:1: `train.precision`: \"bf16\" is not supported on train.device = \"cpu\""
+        ),
+        "{err}"
+    );
+    let e = p.experiment("bf2", &synthetic_exp("bf2"));
+    let err = fails(
+        &p,
+        &["run", e.to_str().unwrap(), "--set", "train.precision=tf32"],
+    );
+    assert!(
+        err.contains("--set train.precision=tf32: `train.precision`: \"tf32\" is not supported"),
+        "{err}"
+    );
+    assert!(p.objects().is_empty());
+    assert!(!p.path().join("runs").exists());
+}
+
+/// With `train.device = "auto"` the precision is checked on the device actually selected, when
+/// the train stage starts: nothing is trained or published for it, the stages before it are.
+#[test]
+fn bf16_precision_is_refused_when_train_starts() {
+    let p = Project::new();
+    let text = synthetic_exp("auto")
+        .replace("\"dbg\"", "\"deeplabv3\"")
+        .replace(
+            "imgsz = 64",
+            "imgsz = 64\ndevice = \"auto\"\nprecision = \"bf16\"",
+        );
+    let e = p.experiment("auto", &text);
+    let err = fails(&p, &["run", e.to_str().unwrap(), "--until", "train"]);
+    assert!(
+        err.contains("train.precision = \"bf16\" is not supported on the"),
+        "{err}"
+    );
+    assert_eq!(p.objects().len(), 2, "split and preprocess only");
+    assert!(!p.path().join("runs/auto/train").exists());
+}
+
+/// `train.threads` was removed: a file that still sets it is told what to use instead.
+#[test]
+fn removed_train_threads_says_what_to_use() {
+    let p = Project::new();
+    let text = synthetic_exp("th").replace("imgsz = 64", "imgsz = 64\nthreads = 2");
+    let e = p.experiment("th", &text);
+    let err = fails(&p, &["run", e.to_str().unwrap()]);
+    assert!(
+        err.contains("th.toml:13:1: `train.threads`: was removed"),
+        "{err}"
+    );
+    assert!(
+        err.contains("--threads N") && err.contains("RAYON_NUM_THREADS"),
+        "{err}"
+    );
+    assert!(!err.contains("unknown key"), "{err}");
+    let e = p.experiment("th2", &synthetic_exp("th2"));
+    let err = fails(
+        &p,
+        &["run", e.to_str().unwrap(), "--set", "train.threads=4"],
+    );
+    assert!(
+        err.contains("--set train.threads=4: `train.threads`: was removed"),
+        "{err}"
+    );
+    assert!(p.objects().is_empty());
+}

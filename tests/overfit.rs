@@ -14,7 +14,7 @@ use driveline::data::{self, ChannelStats};
 use driveline::metrics::Confusion;
 use driveline::model::SegModel;
 use driveline::predict::argmax_u8;
-use driveline::stages::train::{loss_fn, optim::Optimizer};
+use driveline::training::{loss_fn, Optimizer};
 
 /// Train on two synthetic images for `steps` steps; (first loss, last loss, vessel IoU in eval).
 fn fit(exp: &Experiment, steps: usize, lr: f64) -> (f32, f32, f64) {

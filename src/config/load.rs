@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use toml::de::{DeTable, DeValue};
 use toml::{Table, Value};
 
-use super::schema::Experiment;
+use super::schema::{Experiment, REMOVED_KEYS};
 
 /// Where a key's value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -500,6 +500,15 @@ fn walk_unknown(
         };
         match known_k {
             None => {
+                if let Some(advice) = removed(&path) {
+                    problems.push(Problem {
+                        origin: origin_of(origins, &path),
+                        key: path,
+                        message: advice.to_string(),
+                        suggestion: None,
+                    });
+                    continue;
+                }
                 // Report the leaves of an unknown table (`[trian] lr = …` → `trian.lr`), so
                 // the suggestion can name the full key (`train.lr`).
                 let mut leaves = Vec::new();
@@ -537,6 +546,14 @@ fn walk_unknown(
             Some(_) => {}
         }
     }
+}
+
+/// What to do instead of setting `key`, if the schema once had it.
+fn removed(key: &str) -> Option<&'static str> {
+    REMOVED_KEYS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, advice)| *advice)
 }
 
 fn leaf_paths(t: &Table, prefix: &str, out: &mut Vec<String>) {

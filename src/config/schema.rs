@@ -223,6 +223,9 @@ pub enum Loss {
     CeDice,
 }
 
+/// The number format training computes in (`train.precision`). Only `f32` runs today:
+/// [`Experiment::validate`] refuses the others on `train.device = "cpu"`, and the train stage
+/// refuses them on the device `auto`/`cuda` selects (`model::device::check_precision`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
@@ -230,6 +233,25 @@ pub enum Precision {
     Tf32,
     Bf16,
 }
+
+impl Precision {
+    /// The value as written in an experiment file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Tf32 => "tf32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Keys the schema no longer has, with what to do instead: a file that sets one is refused
+/// with this advice rather than a bare "unknown key".
+pub const REMOVED_KEYS: &[(&str, &str)] = &[(
+    "train.threads",
+    "was removed: no code read it. The number of threads is a setting of the process, not of \
+     the experiment: use `driveline --threads N` or the RAYON_NUM_THREADS environment variable",
+)];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -260,13 +282,12 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     pub device: String,
+    /// `f32` (the only one any device runs yet), `tf32` or `bf16`.
     pub precision: Precision,
     /// Random crops of this side at native resolution (0: whole resized images).
     pub crop: u32,
-    /// Save valid-set predictions as PNG every N epochs (0: never).
+    /// Save valid-set predictions as PNG every N periods (0: never).
     pub save_preds_every: usize,
-    /// Worker threads (0: every core).
-    pub threads: usize,
 }
 
 impl Default for TrainConfig {
@@ -292,7 +313,6 @@ impl Default for TrainConfig {
             precision: Precision::F32,
             crop: 0,
             save_preds_every: 10,
-            threads: 0,
         }
     }
 }
@@ -629,6 +649,16 @@ impl Experiment {
             bad(
                 "train.device",
                 format!("{:?}: expected cpu, cuda, cuda:N or auto", t.device),
+            );
+        }
+        if t.device == "cpu" && t.precision != Precision::F32 {
+            bad(
+                "train.precision",
+                format!(
+                    "{:?} is not supported on train.device = \"cpu\", which trains in f32 only: \
+                     remove the key or set it to \"f32\"",
+                    t.precision.as_str()
+                ),
             );
         }
         if t.crop != 0 && (t.crop < 32 || !t.crop.is_multiple_of(8)) {

@@ -4,7 +4,6 @@ pub mod cache;
 pub mod dag;
 pub mod executor;
 pub mod gc;
-pub mod progress;
 pub mod runner;
 pub mod schedule;
 

@@ -23,10 +23,10 @@ use serde_json::Value;
 use super::cache::{hash_file, hash_tree, short, Cache, Check, Manifest, MANIFEST};
 use super::dag::{covers, Pipeline, StageDecl};
 use super::executor::local::InProcess;
-use super::progress::Progress;
 use super::schedule::Plan;
 use crate::config::load::PATH_KEYS;
 use crate::config::{Experiment, Layout, Loaded};
+use crate::progress::Progress;
 use crate::stages::{self, DataInputs, StageCtx};
 
 /// Where things live.

@@ -48,11 +48,14 @@ impl TrainUnit {
     }
 }
 
-/// One validation pass during training: the row the curves are drawn from.
+/// One training period and the validation pass that ended it: the row the curves are drawn
+/// from. A period is an epoch, or `train.valid_every_steps` steps (step-based training).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EpochRow {
-    /// 1-based epoch number at which the validation pass ran.
-    pub epoch: usize,
+pub struct PeriodRow {
+    /// 1-based period number: the epoch, or the count of `train.valid_every_steps` step
+    /// blocks. Read from files that still name it `epoch`.
+    #[serde(alias = "epoch")]
+    pub period: usize,
     /// Optimiser steps completed when the validation pass ran.
     pub step: usize,
     /// Mean training loss since the previous row.
@@ -141,7 +144,7 @@ pub struct ExperimentSummary {
     pub best_valid_dice: f64,
     /// One row per validation pass, in training order.
     #[serde(default)]
-    pub history: Vec<EpochRow>,
+    pub history: Vec<PeriodRow>,
     /// Final evaluation of the best checkpoint, one entry per split (and FOV setting).
     #[serde(default)]
     pub eval: Vec<SplitMetrics>,
@@ -168,9 +171,9 @@ impl ExperimentSummary {
     }
 
     /// x coordinate of a history row on this experiment's curves.
-    fn x_of(&self, row: &EpochRow) -> f64 {
+    fn x_of(&self, row: &PeriodRow) -> f64 {
         match self.unit {
-            TrainUnit::Epoch => row.epoch as f64,
+            TrainUnit::Epoch => row.period as f64,
             TrainUnit::Step => row.step as f64,
         }
     }

@@ -257,19 +257,19 @@ pub fn plot_experiment_curves(
 ) -> anyhow::Result<CurveFiles> {
     let unit = summary.unit.label();
     let hist = &summary.history;
-    let pts = |f: &dyn Fn(&super::EpochRow) -> Option<f64>| -> Vec<(f64, f64)> {
+    let pts = |f: &dyn Fn(&super::PeriodRow) -> Option<f64>| -> Vec<(f64, f64)> {
         hist.iter()
             .filter_map(|r| f(r).map(|y| (summary.x_of(r), y)))
             .collect()
     };
     let best_row = hist.iter().find(|r| {
         let at = match summary.unit {
-            TrainUnit::Epoch => r.epoch,
+            TrainUnit::Epoch => r.period,
             TrainUnit::Step => r.step,
         };
         at == summary.best_epoch
     });
-    let best = |f: &dyn Fn(&super::EpochRow) -> f64| best_row.map(|r| (summary.x_of(r), f(r)));
+    let best = |f: &dyn Fn(&super::PeriodRow) -> f64| best_row.map(|r| (summary.x_of(r), f(r)));
     let integer_x = true;
     let files = CurveFiles {
         loss: out_dir.join(LOSS_PNG),
@@ -393,7 +393,7 @@ pub fn plot_valid_miou_overlay(exps: &[ExperimentSummary], path: &Path) -> anyho
                 .map(|r| e.x_of(r))
                 .fold(0.0f64, f64::max)
                 .max(1.0);
-            let x = |r: &super::EpochRow| {
+            let x = |r: &super::PeriodRow| {
                 if mixed {
                     100.0 * e.x_of(r) / span
                 } else {

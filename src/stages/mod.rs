@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::Experiment;
-use crate::pipeline::progress::Progress;
+use crate::progress::Progress;
 
 pub mod compare;
 mod debug;

@@ -126,11 +126,11 @@ pub fn summarize(exp: &Experiment, train_dir: &Path, eval_dir: &Path) -> Result<
         let best_step = ts
             .history
             .iter()
-            .find(|r| r.epoch == ts.best_epoch)
+            .find(|r| r.period == ts.best_period)
             .map_or(0, |r| r.step);
         (TrainUnit::Step, ts.steps, best_step)
     } else {
-        (TrainUnit::Epoch, ts.periods, ts.best_epoch)
+        (TrainUnit::Epoch, ts.periods, ts.best_period)
     };
     Ok(ExperimentSummary {
         name: exp.name.clone(),

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use driveline::report::{EpochRow, ExperimentSummary, PredictionImage, SplitMetrics, TrainUnit};
+use driveline::report::{ExperimentSummary, PeriodRow, PredictionImage, SplitMetrics, TrainUnit};
 
 /// Writes a small fundus-like RGB overlay, a binary mask and a grey probability map
 /// for image `id` of experiment `seed` under `dir`.
@@ -55,7 +55,7 @@ fn history(
     steps_per: usize,
     ceiling: f64,
     with_train: bool,
-) -> Vec<EpochRow> {
+) -> Vec<PeriodRow> {
     (1..=n)
         .map(|i| {
             let t = i as f64 / n as f64;
@@ -63,8 +63,8 @@ fn history(
             let wiggle = 0.006 * ((i * 7) as f64).sin();
             let miou = 0.48 + (ceiling - 0.48) * rise + wiggle;
             let step = i * steps_per;
-            EpochRow {
-                epoch: match unit {
+            PeriodRow {
+                period: match unit {
                     TrainUnit::Epoch => i,
                     TrainUnit::Step => 1 + step / 500,
                 },
@@ -106,10 +106,10 @@ pub fn synthetic_summaries(dir: &Path) -> Vec<ExperimentSummary> {
     let a_hist = history(12, TrainUnit::Epoch, 5, 0.82, true);
     let b_hist = history(8, TrainUnit::Epoch, 5, 0.80, false);
     let c_hist = history(30, TrainUnit::Step, 200, 0.79, false);
-    let best = |h: &[EpochRow], unit: TrainUnit| {
+    let best = |h: &[PeriodRow], unit: TrainUnit| {
         let r = h.iter().max_by(|a, b| a.miou.total_cmp(&b.miou)).unwrap();
         let at = match unit {
-            TrainUnit::Epoch => r.epoch,
+            TrainUnit::Epoch => r.period,
             TrainUnit::Step => r.step,
         };
         (at, r.miou, r.vessel_dice)

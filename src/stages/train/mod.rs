@@ -3,19 +3,36 @@
 //!
 //! A *period* is an epoch (a shuffled pass over the train split, `train.epochs`) or, for
 //! crop training with `train.steps`, `train.valid_every_steps` iterations of random crops.
-//! After each period: validation on the whole valid images (loss = cross-entropy, pixel
-//! accuracy, mIoU, vessel IoU and Dice, at the working resolution), one row in
-//! `metrics.csv`, checkpoints, and `state.json` — written last, it marks the period as done:
-//! a run killed mid-way resumes after the last completed period and, since every random
-//! draw derives from (seed, period, step), reaches the same weights as an uninterrupted run.
+//! Epoch-based runs speak of epochs (`epoch 7/100: ...`), step-based ones of periods and steps
+//! (`period 7/10 (step 1680/2400): ...`).
 //!
-//! Batches are built ahead of the model on a loader thread (augmentation in parallel with
-//! rayon, sharing the compute's thread pool so the two never oversubscribe the cores).
-
-pub mod optim;
+//! `train` runs these named steps, in this order:
+//! 1. `check_data`: the data suits the recipe (random crops need native-resolution data, whole
+//!    images need resized data).
+//! 2. `setup`: the device (refusing a `train.precision` it cannot run), the model, its
+//!    pretrained weights, the optimiser.
+//! 3. `period_plan`: how many periods of how many optimiser steps.
+//! 4. `resume`: the periods a killed run completed (`state.json`, the last weights and
+//!    optimiser state), or a work folder emptied of anything else.
+//! 5. For each period not yet done:
+//!    - `run_period`: a loader thread builds the period's batches ahead (`PeriodPlan::batches`
+//!      says which images each step draws) while this thread takes the optimiser steps
+//!      (`optimiser_step`: forward, loss, backward, update);
+//!    - `validate`: the whole valid images at the working resolution (loss = cross-entropy,
+//!      pixel accuracy, mIoU, vessel IoU and Dice), optionally saving the predictions;
+//!    - `keep_checkpoints`: best-by-loss, best-by-IoU and last checkpoints, the optimiser
+//!      state, one row of `metrics.csv`, and `state.json`, written last: it marks the period
+//!      as done.
+//! 6. `summary`: `summary.json`, and the resume state removed from the output.
+//!
+//! A run killed mid-way resumes after its last completed period and, since every random draw
+//! derives from (seed, period, step), reaches the same weights as an uninterrupted run.
+//!
+//! Batches are built on the loader thread with rayon (augmentation in parallel, sharing the
+//! compute's thread pool so the two never oversubscribe the cores).
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
@@ -24,18 +41,22 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::preprocess::{self, Prepared};
 use super::{Stage, StageCtx};
-use crate::config::{Experiment, Loss, Normalize, Scheduler, Tta};
-use crate::data::{self, Augmenter, ChannelStats};
+use crate::config::{Experiment, Normalize, TrainConfig, Tta};
+use crate::data::{Augmenter, ChannelStats, Sample};
 use crate::metrics::Confusion;
 use crate::model::checkpoint::{self, Preprocess as CkptPreprocess};
 use crate::model::{device, SegModel};
 use crate::predict::{argmax_u8, image_tensor, Mode, Predictor};
-pub use crate::report::EpochRow;
+use crate::progress::{Bar, Progress};
+pub use crate::report::PeriodRow;
+use crate::training::{
+    build_batch, image_stats, loss_fn, lr_at, mix, peak_rss_mib, plain_ce, reset_peak_rss, Batch,
+    Optimizer,
+};
 
 pub struct Train;
 
@@ -50,7 +71,11 @@ impl Stage for Train {
         // 2: peak RSS is the stage's own (reset at the start of training).
         // 3: convolutions image-parallel, sparse for dilated taps, fused BN+ReLU: f32 results
         //    differ in the last bits (summation order).
-        3
+        // 4: the output files speak of periods, not epochs: `metrics.csv`'s `epoch` column is
+        //    `period`, `summary.json`'s `best_epoch`/`best_loss_epoch` are
+        //    `best_period`/`best_loss_period`, the checkpoints' metadata say `period`, and
+        //    step-based runs save validation predictions under `valid_preds/step_NNNNNN/`.
+        4
     }
     fn params(&self) -> &'static [&'static str] {
         &[
@@ -97,8 +122,10 @@ impl Stage for Train {
 /// What survives a kill: the completed periods and the best values so far.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 struct State {
-    history: Vec<EpochRow>,
+    history: Vec<PeriodRow>,
+    /// (period, valid loss) of the best-by-loss checkpoint.
     best_loss: Option<(usize, f64)>,
+    /// (period, valid mIoU) of the best-by-IoU checkpoint.
     best_miou: Option<(usize, f64)>,
 }
 
@@ -107,66 +134,74 @@ struct State {
 pub struct TrainSummary {
     pub periods: usize,
     pub steps: usize,
-    pub best_epoch: usize,
+    /// The period (1-based) of the best-by-IoU checkpoint.
+    #[serde(alias = "best_epoch")]
+    pub best_period: usize,
     pub best_valid_miou: f64,
     pub best_valid_dice: f64,
-    pub best_loss_epoch: usize,
+    /// The period (1-based) of the best-by-loss checkpoint.
+    #[serde(alias = "best_loss_epoch")]
+    pub best_loss_period: usize,
     pub train_seconds: f64,
     pub peak_rss_mib: f64,
     pub param_count: usize,
     pub device: String,
-    pub history: Vec<EpochRow>,
+    pub history: Vec<PeriodRow>,
 }
 
-/// Mix integers into one seed (SplitMix64 finaliser per word).
-pub fn mix(words: &[u64]) -> u64 {
-    let mut h: u64 = 0x9E37_79B9_7F4A_7C15;
-    for &w in words {
-        let mut z = h ^ w.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        h = z ^ (z >> 31);
-    }
-    h
-}
-
-/// A batch ready for the model.
-pub struct Batch {
-    x: Vec<f32>,
-    y: Vec<u8>,
-    n: usize,
-    h: usize,
-    w: usize,
-}
-
-/// The learning rate at `step` of `total` (schedulers of `torch.optim.lr_scheduler`, stepped
-/// per iteration except `step`, which decays per period).
-pub fn lr_at(exp: &Experiment, step: usize, total: usize, period: usize) -> f64 {
-    let t = &exp.train;
-    let frac = if total == 0 {
-        0.0
-    } else {
-        step as f64 / total as f64
-    };
-    let floor = t.lr * t.lr_min_factor;
-    match t.scheduler {
-        Scheduler::None => t.lr,
-        Scheduler::Step => t.lr * t.gamma.powi((period / t.step_size) as i32),
-        Scheduler::Cosine => {
-            floor + (t.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * frac).cos())
-        }
-        Scheduler::Poly => floor + (t.lr - floor) * (1.0 - frac).max(0.0).powf(0.9),
-        Scheduler::Linear => floor + (t.lr - floor) * (1.0 - frac).max(0.0),
-    }
-}
-
+/// The named steps of training, in order (see the module documentation).
 fn train(
     exp: &Experiment,
     ds: &preprocess::Dataset,
     out: &Path,
-    progress: &crate::pipeline::progress::Progress,
+    progress: &Progress,
 ) -> Result<()> {
-    let t = &exp.train;
+    check_data(&exp.train, ds)?;
+    let mut s = setup(exp, progress)?;
+    let plan = period_plan(&exp.train, ds.train.len());
+    let mut state = resume(out, &mut s, &plan, progress)?;
+    let data = TrainData::new(exp, &ds.train);
+    let mut bar = progress.bar((plan.periods * plan.steps_per) as u64, "train");
+    bar.inc((state.history.len() * plan.steps_per) as u64);
+    for period in state.history.len()..plan.periods {
+        let t0 = Instant::now();
+        let trained = run_period(&data, &mut s, &plan, period, &mut bar)?;
+        let save_preds = exp.train.save_preds_every > 0
+            && (period + 1).is_multiple_of(exp.train.save_preds_every);
+        let (valid_loss, conf) = validate(
+            &valid_predictor(exp, ds, &s.model),
+            &ds.valid,
+            exp.data.normalize,
+            save_preds.then(|| out.join("valid_preds").join(plan.preds_dir(period))),
+        )?;
+        let (first_step, n_steps) = plan.steps_of(period);
+        let row = PeriodRow {
+            period: period + 1,
+            step: first_step + n_steps,
+            train_loss: trained.loss,
+            valid_loss,
+            pixel_acc: conf.accuracy(),
+            miou: conf.miou(),
+            vessel_iou: conf.iou_vessel(),
+            vessel_dice: conf.dice(),
+            lr: trained.lr,
+            seconds: t0.elapsed().as_secs_f64(),
+            train_pixel_acc: Some(trained.conf.accuracy()),
+            train_miou: Some(trained.conf.miou()),
+        };
+        progress.log(&format!(
+            "{}: train loss {:.4}, valid loss {:.4}, acc {:.4}, mIoU {:.4}, vessel Dice {:.4} ({:.1} s)",
+            plan.name(period), row.train_loss, row.valid_loss, row.pixel_acc, row.miou, row.vessel_dice, row.seconds
+        ));
+        keep_checkpoints(&mut state, row, &s, out)?;
+    }
+    bar.finish();
+    summary(&state, &plan, &s, out)
+}
+
+/// Refuse data the recipe cannot train on: random crops need native-resolution data (the
+/// `native` pipeline), whole images need resized data.
+fn check_data(t: &TrainConfig, ds: &preprocess::Dataset) -> Result<()> {
     if ds.train.is_empty() {
         bail!("the train split is empty");
     }
@@ -179,7 +214,24 @@ fn train(
     if t.crop == 0 && ds.size.is_none() {
         bail!("native-resolution data needs train.crop > 0 (random crops)");
     }
+    Ok(())
+}
+
+/// The model and what trains it.
+struct Setup {
+    device: Device,
+    model: SegModel,
+    opt: Optimizer,
+    /// How an image is prepared for the model, as the checkpoints record it.
+    ckpt_pre: CkptPreprocess,
+}
+
+/// The device (refusing a precision it cannot run), the model (initialised from
+/// `train.seed`), its pretrained weights if any, and the optimiser.
+fn setup(exp: &Experiment, progress: &Progress) -> Result<Setup> {
+    let t = &exp.train;
     let device = device::select(&t.device)?;
+    device::check_precision(t.precision, &device)?;
     reset_peak_rss();
     let model = SegModel::new(&exp.model, &device, t.seed)?;
     if !exp.model.pretrained.is_empty() {
@@ -189,7 +241,7 @@ fn train(
             progress.log(&n);
         }
     }
-    let mut opt = optim::Optimizer::new(
+    let opt = Optimizer::new(
         t.optimizer,
         model.trainable_vars(),
         t.lr,
@@ -201,67 +253,59 @@ fn train(
         normalize: exp.data.normalize,
         crop: t.crop,
     };
+    Ok(Setup {
+        device,
+        model,
+        opt,
+        ckpt_pre,
+    })
+}
 
-    // Periods and steps.
-    let n_train = ds.train.len();
-    let (periods, steps_per) = if t.steps > 0 {
-        (t.steps.div_ceil(t.valid_every_steps), t.valid_every_steps)
-    } else {
-        (t.epochs, n_train.div_ceil(t.batch))
-    };
-    let total_steps = if t.steps > 0 {
-        t.steps
-    } else {
-        periods * steps_per
-    };
+/// How a run divides into periods of optimiser steps.
+#[derive(Debug, Clone, Copy)]
+struct PeriodPlan {
+    periods: usize,
+    /// Optimiser steps per period (the last period of a step-based run may take fewer).
+    steps_per: usize,
+    /// Optimiser steps in the whole run.
+    total_steps: usize,
+    /// Whether the run counts steps (`train.steps`) rather than epochs.
+    by_steps: bool,
+}
 
-    // Resume.
-    let mut state: State = match fs::read_to_string(out.join(STATE)) {
-        Ok(s) => {
-            serde_json::from_str(&s).context("malformed state.json in the train work directory")?
+/// Epochs of ⌈train images / batch⌉ steps, or `train.steps` in periods of
+/// `train.valid_every_steps`.
+fn period_plan(t: &TrainConfig, n_train: usize) -> PeriodPlan {
+    if t.steps > 0 {
+        PeriodPlan {
+            periods: t.steps.div_ceil(t.valid_every_steps),
+            steps_per: t.valid_every_steps,
+            total_steps: t.steps,
+            by_steps: true,
         }
-        Err(_) => State::default(),
-    };
-    if !state.history.is_empty() {
-        let tensors = load_tensors(&out.join(LAST), &device)?;
-        model.load_state_dict(&tensors)?;
-        opt.load(&out.join(LAST_OPTIM))?;
-        progress.log(&format!("resuming after period {}", state.history.len()));
     } else {
-        for stale in fs::read_dir(out)?.flatten() {
-            let p = stale.path();
-            if p.is_dir() {
-                fs::remove_dir_all(&p).ok();
-            } else {
-                fs::remove_file(&p).ok();
-            }
+        let steps_per = n_train.div_ceil(t.batch);
+        PeriodPlan {
+            periods: t.epochs,
+            steps_per,
+            total_steps: t.epochs * steps_per,
+            by_steps: false,
         }
     }
-    let augmenter = Augmenter::new(&exp.augment);
-    let mode = match ds.size {
-        Some(s) => Mode::Resize(s),
-        None => Mode::Native {
-            tile: 0,
-            overlap: 0,
-        },
-    };
-    let predictor = Predictor {
-        model: &model,
-        normalize: exp.data.normalize,
-        mode,
-        tta: Tta::None,
-    };
+}
 
-    let start_period = state.history.len();
-    let mut bar = progress.bar((periods * steps_per) as u64, "train");
-    bar.inc((start_period * steps_per) as u64);
-    let stats = image_stats(exp, &ds.train);
-    for period in start_period..periods {
-        let t0 = Instant::now();
-        let first_step = period * steps_per;
-        let n_steps = steps_per.min(total_steps - first_step);
-        // The sample indices of each step of this period.
-        let plan: Vec<Vec<usize>> = if t.steps > 0 {
+impl PeriodPlan {
+    /// The first step of `period` (0-based) and how many steps it takes.
+    fn steps_of(&self, period: usize) -> (usize, usize) {
+        let first = period * self.steps_per;
+        (first, self.steps_per.min(self.total_steps - first))
+    }
+
+    /// The train-image indices of each step of `period`: independent random draws per step
+    /// (step-based runs), or a shuffled pass over the split cut into batches (epochs).
+    fn batches(&self, t: &TrainConfig, period: usize, n_train: usize) -> Vec<Vec<usize>> {
+        let (first_step, n_steps) = self.steps_of(period);
+        if self.by_steps {
             (0..n_steps)
                 .map(|s| {
                     let mut r = StdRng::seed_from_u64(mix(&[t.seed, 1, (first_step + s) as u64]));
@@ -272,234 +316,201 @@ fn train(
             let mut order: Vec<usize> = (0..n_train).collect();
             order.shuffle(&mut StdRng::seed_from_u64(mix(&[t.seed, 2, period as u64])));
             order.chunks(t.batch).map(|c| c.to_vec()).collect()
-        };
-        let (tx, rx) = sync_channel::<Result<Batch>>(2);
-        let mut loss_sum = 0.0;
-        let mut seen = 0usize;
-        let mut train_conf = Confusion::default();
-        let mut lr = t.lr;
-        std::thread::scope(|scope| -> Result<()> {
-            let plan = &plan;
-            let augmenter = &augmenter;
-            let stats = &stats;
-            scope.spawn(move || {
-                for (s, idx) in plan.iter().enumerate() {
-                    let step = (first_step + s) as u64;
-                    let b = build_batch(exp, &ds.train, stats, idx, augmenter, step);
-                    if tx.send(b).is_err() {
-                        return;
-                    }
-                }
-            });
-            for s in 0..plan.len() {
-                let step = first_step + s;
-                let b = rx
-                    .recv()
-                    .map_err(|_| anyhow!("the batch loader stopped"))??;
-                lr = lr_at(exp, step, total_steps, period);
-                opt.lr = lr;
-                model.reseed_dropout(mix(&[t.seed, 3, step as u64]));
-                let x = Tensor::from_vec(b.x, (b.n, 3, b.h, b.w), &device)?;
-                let logits = model.forward(&x, true)?;
-                let loss = loss_fn(exp, &logits, &b.y)?;
-                let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !lv.is_finite() {
-                    bail!("the loss became {lv} at step {step}; lower train.lr?");
-                }
-                opt.backward_step(&loss)?;
-                train_conf.add(&argmax_u8(&logits)?, &b.y, None);
-                loss_sum += lv * b.n as f64;
-                seen += b.n;
-                bar.set_suffix(format!("loss {:.4}", loss_sum / seen as f64));
-                bar.inc(1);
-            }
-            Ok(())
-        })?;
-        let train_loss = loss_sum / seen.max(1) as f64;
-
-        // Validation.
-        let save_preds = t.save_preds_every > 0 && (period + 1) % t.save_preds_every == 0;
-        let (valid_loss, conf) = validate(
-            &predictor,
-            &ds.valid,
-            exp.data.normalize,
-            if save_preds {
-                Some(
-                    out.join("valid_preds")
-                        .join(format!("epoch_{:03}", period + 1)),
-                )
-            } else {
-                None
-            },
-        )?;
-        let row = EpochRow {
-            epoch: period + 1,
-            step: first_step + n_steps,
-            train_loss,
-            valid_loss,
-            pixel_acc: conf.accuracy(),
-            miou: conf.miou(),
-            vessel_iou: conf.iou_vessel(),
-            vessel_dice: conf.dice(),
-            lr,
-            seconds: t0.elapsed().as_secs_f64(),
-            train_pixel_acc: Some(train_conf.accuracy()),
-            train_miou: Some(train_conf.miou()),
-        };
-        progress.log(&format!(
-            "epoch {}/{periods}: train loss {:.4}, valid loss {:.4}, acc {:.4}, mIoU {:.4}, vessel Dice {:.4} ({:.1} s)",
-            row.epoch, row.train_loss, row.valid_loss, row.pixel_acc, row.miou, row.vessel_dice, row.seconds
-        ));
-        let extra = |what: &str| serde_json::json!({"epoch": row.epoch, "step": row.step, "selected_by": what, "valid_miou": row.miou, "valid_loss": row.valid_loss});
-        if state.best_loss.is_none_or(|(_, l)| row.valid_loss < l) {
-            state.best_loss = Some((row.epoch, row.valid_loss));
-            checkpoint::save(&model, &ckpt_pre, extra("valid_loss"), &out.join(BEST_LOSS))?;
         }
-        if state.best_miou.is_none_or(|(_, m)| row.miou > m) {
-            state.best_miou = Some((row.epoch, row.miou));
-            checkpoint::save(&model, &ckpt_pre, extra("valid_miou"), &out.join(BEST_IOU))?;
-        }
-        checkpoint::save(&model, &ckpt_pre, extra("last"), &out.join(LAST))?;
-        opt.save(&out.join(LAST_OPTIM))?;
-        state.history.push(row);
-        write_metrics_csv(&out.join("metrics.csv"), &state.history)?;
-        write_atomic(
-            &out.join(STATE),
-            serde_json::to_string_pretty(&state)?.as_bytes(),
-        )?;
     }
-    bar.finish();
 
-    let best = state
-        .best_miou
-        .and_then(|(e, _)| state.history.iter().find(|r| r.epoch == e))
-        .cloned()
-        .ok_or_else(|| anyhow!("no validation happened"))?;
-    let summary = TrainSummary {
-        periods,
-        steps: total_steps,
-        best_epoch: best.epoch,
-        best_valid_miou: best.miou,
-        best_valid_dice: best.vessel_dice,
-        best_loss_epoch: state.best_loss.map_or(0, |(e, _)| e),
-        train_seconds: state.history.iter().map(|r| r.seconds).sum(),
-        peak_rss_mib: peak_rss_mib(),
-        param_count: model.param_count(),
-        device: device::name(&device),
-        history: state.history.clone(),
+    /// `period` (0-based) as the log names it once done: `epoch 7/100`, or
+    /// `period 7/10 (step 1680/2400)`.
+    fn name(&self, period: usize) -> String {
+        if self.by_steps {
+            let (first, n) = self.steps_of(period);
+            format!(
+                "period {}/{} (step {}/{})",
+                period + 1,
+                self.periods,
+                first + n,
+                self.total_steps
+            )
+        } else {
+            format!("epoch {}/{}", period + 1, self.periods)
+        }
+    }
+
+    /// The folder under `valid_preds/` for the predictions after `period` (0-based):
+    /// `epoch_007`, or `step_001680`.
+    fn preds_dir(&self, period: usize) -> String {
+        if self.by_steps {
+            let (first, n) = self.steps_of(period);
+            format!("step_{:06}", first + n)
+        } else {
+            format!("epoch_{:03}", period + 1)
+        }
+    }
+}
+
+/// The state of a killed run's completed periods, with the model and optimiser restored to
+/// the last of them; or, with nothing to resume, a fresh state and a work folder emptied of
+/// whatever a failed attempt left.
+fn resume(out: &Path, s: &mut Setup, plan: &PeriodPlan, progress: &Progress) -> Result<State> {
+    let state: State = match fs::read_to_string(out.join(STATE)) {
+        Ok(text) => serde_json::from_str(&text).with_context(|| {
+            format!(
+                "malformed {STATE} in the train work directory {}",
+                out.display()
+            )
+        })?,
+        Err(_) => State::default(),
     };
-    fs::write(
-        out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
-    // The resume state is not part of the published output.
-    fs::remove_file(out.join(STATE)).ok();
-    Ok(())
-}
-
-fn load_tensors(path: &Path, device: &Device) -> Result<std::collections::HashMap<String, Tensor>> {
-    candle_core::safetensors::load(path, device)
-        .with_context(|| format!("cannot read checkpoint {}", path.display()))
-}
-
-/// The normalisation statistics of each training image (whole image, as the reference does),
-/// computed once: recomputing them over the full 565×584 image for every 96-px crop cost 36×
-/// the crop's own work.
-pub fn image_stats(exp: &Experiment, train: &[Prepared]) -> Vec<ChannelStats> {
-    train
-        .par_iter()
-        .map(|p| ChannelStats::for_image(exp.data.normalize, &p.work.image))
-        .collect()
-}
-
-/// Build one batch: crop (native training), augment, normalise with `stats` (from
-/// [`image_stats`], one per image of `train`). Deterministic in (seed, step, position in batch).
-pub fn build_batch(
-    exp: &Experiment,
-    train: &[Prepared],
-    stats: &[ChannelStats],
-    idx: &[usize],
-    aug: &Augmenter,
-    step: u64,
-) -> Result<Batch> {
-    let t = &exp.train;
-    let items: Vec<(Vec<f32>, Vec<u8>, u32, u32)> = idx
-        .par_iter()
-        .enumerate()
-        .map(|(j, &i)| {
-            let mut rng = StdRng::seed_from_u64(mix(&[t.seed, 4, step, j as u64]));
-            let full = &train[i].work;
-            let stats = stats
-                .get(i)
-                .ok_or_else(|| anyhow!("no normalisation statistics for train image {i}"))?;
-            let s = if t.crop > 0 {
-                data::random_crop(full, t.crop, &mut rng)
+    let done = state.history.len();
+    if done > 0 {
+        let tensors = load_tensors(&out.join(LAST), &s.device)?;
+        s.model.load_state_dict(&tensors)?;
+        s.opt.load(&out.join(LAST_OPTIM))?;
+        progress.log(&format!(
+            "resuming after period {done} ({} done)",
+            plan.name(done - 1)
+        ));
+    } else {
+        let entries = fs::read_dir(out)
+            .with_context(|| format!("cannot list the train work directory {}", out.display()))?;
+        for stale in entries.flatten() {
+            let p = stale.path();
+            if p.is_dir() {
+                fs::remove_dir_all(&p).ok();
             } else {
-                full.clone()
-            };
-            let s = aug.apply(&s, &mut rng);
-            let (w, h) = s.image.dimensions();
-            let label = s
-                .label
-                .ok_or_else(|| anyhow!("train image {} has no annotation", s.id))?
-                .into_raw();
-            Ok((data::to_chw_f32_with(&s.image, stats), label, w, h))
-        })
-        .collect::<Result<_>>()?;
-    let (w, h) = (items[0].2, items[0].3);
-    if items.iter().any(|it| it.2 != w || it.3 != h) {
-        bail!("images of one batch differ in size (use train.crop or the resize pipeline)");
+                fs::remove_file(&p).ok();
+            }
+        }
     }
-    let mut x = Vec::with_capacity(items.len() * 3 * (w * h) as usize);
-    let mut y = Vec::with_capacity(items.len() * (w * h) as usize);
-    for (xi, yi, _, _) in items.iter() {
-        x.extend_from_slice(xi);
-        y.extend_from_slice(yi);
+    Ok(state)
+}
+
+/// What every period reads: the train images, their normalisation statistics (computed
+/// once), the augmentation.
+struct TrainData<'a> {
+    exp: &'a Experiment,
+    train: Vec<&'a Sample>,
+    stats: Vec<ChannelStats>,
+    augmenter: Augmenter,
+}
+
+impl<'a> TrainData<'a> {
+    fn new(exp: &'a Experiment, train: &'a [Prepared]) -> Self {
+        let train: Vec<&Sample> = train.iter().map(|p| &p.work).collect();
+        let stats = image_stats(exp, &train);
+        TrainData {
+            exp,
+            train,
+            stats,
+            augmenter: Augmenter::new(&exp.augment),
+        }
     }
-    Ok(Batch {
-        x,
-        y,
-        n: idx.len(),
-        h: h as usize,
-        w: w as usize,
+}
+
+/// What one period of optimiser steps gave.
+struct Trained {
+    /// Mean training loss per image.
+    loss: f64,
+    /// Pixel counts of the training predictions (train accuracy and mIoU).
+    conf: Confusion,
+    /// Learning rate of the period's last step.
+    lr: f64,
+}
+
+/// The optimiser steps of `period`: a loader thread builds the batches (two ahead at most)
+/// while this thread trains on them.
+fn run_period(
+    data: &TrainData,
+    s: &mut Setup,
+    plan: &PeriodPlan,
+    period: usize,
+    bar: &mut Bar,
+) -> Result<Trained> {
+    let exp = data.exp;
+    let (first_step, _) = plan.steps_of(period);
+    let batches = plan.batches(&exp.train, period, data.train.len());
+    let (tx, rx) = sync_channel::<Result<Batch>>(2);
+    let mut loss_sum = 0.0;
+    let mut seen = 0usize;
+    let mut conf = Confusion::default();
+    let mut lr = exp.train.lr;
+    std::thread::scope(|scope| -> Result<()> {
+        let batches = &batches;
+        scope.spawn(move || {
+            for (i, idx) in batches.iter().enumerate() {
+                let step = (first_step + i) as u64;
+                let b = build_batch(exp, &data.train, &data.stats, idx, &data.augmenter, step);
+                if tx.send(b).is_err() {
+                    return;
+                }
+            }
+        });
+        for i in 0..batches.len() {
+            let step = first_step + i;
+            let b = rx
+                .recv()
+                .map_err(|_| anyhow!("the batch loader stopped"))??;
+            lr = lr_at(exp, step, plan.total_steps, period);
+            let n = b.n;
+            let lv = optimiser_step(exp, s, b, step, lr, &mut conf)?;
+            loss_sum += lv * n as f64;
+            seen += n;
+            bar.set_suffix(format!("loss {:.4}", loss_sum / seen as f64));
+            bar.inc(1);
+        }
+        Ok(())
+    })?;
+    Ok(Trained {
+        loss: loss_sum / seen.max(1) as f64,
+        conf,
+        lr,
     })
 }
 
-/// Cross-entropy (optionally class-weighted, PyTorch's weighted mean), plus the soft Dice
-/// loss of the vessel class (`ce+dice`, as both references compute it).
-pub fn loss_fn(exp: &Experiment, logits: &Tensor, labels: &[u8]) -> Result<Tensor> {
-    let (n, c, h, w) = logits.dims4()?;
-    let weights: Vec<f32> = if exp.train.class_weights.is_empty() {
-        vec![1.0; c]
-    } else {
-        exp.train.class_weights.iter().map(|&x| x as f32).collect()
+/// One optimiser step on `b` at learning rate `lr`, dropout seeded by `step`: forward,
+/// loss, backward, update. Returns the batch's loss; adds its predictions to `conf`.
+fn optimiser_step(
+    exp: &Experiment,
+    s: &mut Setup,
+    b: Batch,
+    step: usize,
+    lr: f64,
+    conf: &mut Confusion,
+) -> Result<f64> {
+    s.opt.lr = lr;
+    s.model
+        .reseed_dropout(mix(&[exp.train.seed, 3, step as u64]));
+    let x = Tensor::from_vec(b.x, (b.n, 3, b.h, b.w), &s.device)?;
+    let logits = s.model.forward(&x, true)?;
+    let loss = loss_fn(exp, &logits, &b.y)?;
+    let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if !lv.is_finite() {
+        bail!("the loss became {lv} at step {step}; lower train.lr?");
+    }
+    s.opt.backward_step(&loss)?;
+    conf.add(&argmax_u8(&logits)?, &b.y, None);
+    Ok(lv)
+}
+
+/// How validation sees an image: resized data at its working size, native data whole.
+fn valid_predictor<'a>(
+    exp: &Experiment,
+    ds: &preprocess::Dataset,
+    model: &'a SegModel,
+) -> Predictor<'a> {
+    let mode = match ds.size {
+        Some(s) => Mode::Resize(s),
+        None => Mode::Native {
+            tile: 0,
+            overlap: 0,
+        },
     };
-    let hw = h * w;
-    let mut onehot = vec![0f32; n * c * hw];
-    let mut denom = 0f64;
-    for b in 0..n {
-        for i in 0..hw {
-            let k = (labels[b * hw + i] as usize).min(c - 1);
-            onehot[(b * c + k) * hw + i] = weights[k];
-            denom += weights[k] as f64;
-        }
+    Predictor {
+        model,
+        normalize: exp.data.normalize,
+        mode,
+        tta: Tta::None,
     }
-    let target = Tensor::from_vec(onehot, (n, c, h, w), logits.device())?;
-    let logp = candle_nn::ops::log_softmax(logits, 1)?;
-    let ce = ((logp * &target)?.sum_all()? * (-1.0 / denom))?;
-    if exp.train.loss == Loss::Ce {
-        return Ok(ce);
-    }
-    let p1 = candle_nn::ops::softmax(logits, 1)?.narrow(1, 1, 1)?;
-    let t1: Vec<f32> = labels
-        .iter()
-        .map(|&l| if l == 1 { 1.0 } else { 0.0 })
-        .collect();
-    let t1 = Tensor::from_vec(t1, (n, 1, h, w), logits.device())?;
-    let inter = (&p1 * &t1)?.sum_all()?;
-    let total = (p1.sum_all()? + t1.sum_all()?)?;
-    let dice = (((inter * 2.0)? + 1.0)? / (total + 1.0)?)?;
-    Ok((ce + (dice.neg()? + 1.0)?)?)
 }
 
 /// Whole-image validation at the working resolution: mean per-image cross-entropy, pooled
@@ -508,12 +519,12 @@ fn validate(
     pred: &Predictor,
     valid: &[Prepared],
     normalize: Normalize,
-    save_to: Option<std::path::PathBuf>,
+    save_to: Option<PathBuf>,
 ) -> Result<(f64, Confusion)> {
     let mut conf = Confusion::default();
     let mut loss = 0.0;
     if let Some(d) = &save_to {
-        fs::create_dir_all(d)?;
+        fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }
     for p in valid {
         let s = &p.work;
@@ -534,30 +545,75 @@ fn validate(
             let img: Vec<u8> = am.iter().map(|&v| if v == 1 { 255 } else { 0 }).collect();
             let img =
                 image::GrayImage::from_raw(w as u32, h as u32, img).context("prediction size")?;
-            img.save(d.join(format!("{}.png", p.id)))?;
+            let path = d.join(format!("{}.png", p.id));
+            img.save(&path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
         }
     }
     Ok((loss / valid.len().max(1) as f64, conf))
 }
 
-fn plain_ce(logits: &Tensor, labels: &[u8]) -> Result<f64> {
-    let (n, c, h, w) = logits.dims4()?;
-    let logp = candle_nn::ops::log_softmax(logits, 1)?
-        .flatten_all()?
-        .to_dtype(DType::F32)?
-        .to_vec1::<f32>()?;
-    let hw = h * w;
-    let mut s = 0f64;
-    for b in 0..n {
-        for i in 0..hw {
-            let k = (labels[b * hw + i] as usize).min(c - 1);
-            s -= logp[(b * c + k) * hw + i] as f64;
-        }
+/// After validating `row`: the best-by-loss and best-by-IoU checkpoints when `row` beats
+/// them, the last checkpoint and optimiser state, `metrics.csv`, and `state.json` last (the
+/// period counts as done once it is written).
+fn keep_checkpoints(state: &mut State, row: PeriodRow, s: &Setup, out: &Path) -> Result<()> {
+    let extra = |what: &str| serde_json::json!({"period": row.period, "step": row.step, "selected_by": what, "valid_miou": row.miou, "valid_loss": row.valid_loss});
+    let save = |what: &str, file: &str| {
+        checkpoint::save(&s.model, &s.ckpt_pre, extra(what), &out.join(file))
+    };
+    if state.best_loss.is_none_or(|(_, l)| row.valid_loss < l) {
+        state.best_loss = Some((row.period, row.valid_loss));
+        save("valid_loss", BEST_LOSS)?;
     }
-    Ok(s / (n * hw) as f64)
+    if state.best_miou.is_none_or(|(_, m)| row.miou > m) {
+        state.best_miou = Some((row.period, row.miou));
+        save("valid_miou", BEST_IOU)?;
+    }
+    save("last", LAST)?;
+    s.opt.save(&out.join(LAST_OPTIM))?;
+    state.history.push(row);
+    write_metrics_csv(&out.join("metrics.csv"), &state.history)?;
+    write_atomic(
+        &out.join(STATE),
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )
 }
 
-fn write_metrics_csv(path: &Path, rows: &[EpochRow]) -> Result<()> {
+/// `summary.json` from the completed run; the resume state is removed, as it is not part of
+/// the published output.
+fn summary(state: &State, plan: &PeriodPlan, s: &Setup, out: &Path) -> Result<()> {
+    let best = state
+        .best_miou
+        .and_then(|(p, _)| state.history.iter().find(|r| r.period == p))
+        .cloned()
+        .ok_or_else(|| anyhow!("no validation happened"))?;
+    let summary = TrainSummary {
+        periods: plan.periods,
+        steps: plan.total_steps,
+        best_period: best.period,
+        best_valid_miou: best.miou,
+        best_valid_dice: best.vessel_dice,
+        best_loss_period: state.best_loss.map_or(0, |(p, _)| p),
+        train_seconds: state.history.iter().map(|r| r.seconds).sum(),
+        peak_rss_mib: peak_rss_mib(),
+        param_count: s.model.param_count(),
+        device: device::name(&s.device),
+        history: state.history.clone(),
+    };
+    write_atomic(
+        &out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    fs::remove_file(out.join(STATE)).ok();
+    Ok(())
+}
+
+fn load_tensors(path: &Path, device: &Device) -> Result<std::collections::HashMap<String, Tensor>> {
+    candle_core::safetensors::load(path, device)
+        .with_context(|| format!("cannot read checkpoint {}", path.display()))
+}
+
+fn write_metrics_csv(path: &Path, rows: &[PeriodRow]) -> Result<()> {
     let mut w = csv::Writer::from_writer(Vec::new());
     for r in rows {
         w.serialize(r)?;
@@ -566,11 +622,14 @@ fn write_metrics_csv(path: &Path, rows: &[EpochRow]) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
-/// Read `metrics.csv` rows.
-pub fn read_metrics_csv(path: &Path) -> Result<Vec<EpochRow>> {
+/// Read `metrics.csv` rows (files written before the `epoch` column was named `period`
+/// included).
+pub fn read_metrics_csv(path: &Path) -> Result<Vec<PeriodRow>> {
     let mut r =
         csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
-    r.deserialize().map(|x| x.map_err(Into::into)).collect()
+    r.deserialize()
+        .map(|x| x.with_context(|| format!("malformed row in {}", path.display())))
+        .collect()
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -580,21 +639,76 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Reset the peak resident set (Linux: `5` to /proc/self/clear_refs), so that a stage's peak
-/// is its own and not that of earlier stages in the same process. Best effort.
-pub fn reset_peak_rss() {
-    let _ = fs::write("/proc/self/clear_refs", b"5");
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Peak resident set of this process (VmHWM), MiB; 0 where /proc is unavailable.
-pub fn peak_rss_mib() -> f64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    fn cfg(epochs: usize, steps: usize, every: usize, batch: usize) -> TrainConfig {
+        TrainConfig {
+            epochs,
+            steps,
+            valid_every_steps: every,
+            batch,
+            ..TrainConfig::default()
+        }
+    }
+
+    /// Step-based runs are named by period and step, epoch-based ones by epoch; the last
+    /// period of a step-based run may be short.
+    #[test]
+    fn periods_are_named_by_their_unit() {
+        let p = period_plan(&cfg(100, 2400, 240, 16), 16);
+        assert_eq!((p.periods, p.steps_per, p.total_steps), (10, 240, 2400));
+        assert_eq!(p.name(6), "period 7/10 (step 1680/2400)");
+        assert_eq!(p.preds_dir(6), "step_001680");
+        let p = period_plan(&cfg(100, 1000, 300, 16), 16);
+        assert_eq!(p.periods, 4);
+        assert_eq!(p.steps_of(3), (900, 100));
+        assert_eq!(p.name(3), "period 4/4 (step 1000/1000)");
+        let p = period_plan(&cfg(100, 0, 250, 2), 15);
+        assert_eq!((p.periods, p.steps_per, p.total_steps), (100, 8, 800));
+        assert_eq!(p.name(6), "epoch 7/100");
+        assert_eq!(p.preds_dir(6), "epoch_007");
+    }
+
+    /// Each epoch draws every train image once; a step-based period draws `batch` images per
+    /// step; both depend only on (seed, period).
+    #[test]
+    fn batches_cover_the_split_and_repeat() {
+        let t = cfg(3, 0, 250, 4);
+        let p = period_plan(&t, 10);
+        let b = p.batches(&t, 1, 10);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+        let mut all: Vec<usize> = b.concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..10).collect::<Vec<_>>());
+        assert_eq!(b, p.batches(&t, 1, 10));
+        assert_ne!(b, p.batches(&t, 2, 10));
+        let t = cfg(0, 7, 5, 3);
+        let p = period_plan(&t, 10);
+        let b = p.batches(&t, 1, 10);
+        assert_eq!(b.len(), 2);
+        assert!(b.iter().all(|s| s.len() == 3 && s.iter().all(|&i| i < 10)));
+        assert_eq!(b, p.batches(&t, 1, 10));
+    }
+
+    /// A `metrics.csv` written before the rename (an `epoch` column) still reads.
+    #[test]
+    fn old_metrics_csv_with_an_epoch_column_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.csv");
+        fs::write(
+            &path,
+            "epoch,step,train_loss,valid_loss,pixel_acc,miou,vessel_iou,vessel_dice,lr,seconds\n\
+             3,24,0.5,0.6,0.9,0.7,0.5,0.66,0.001,12.5\n",
+        )
+        .unwrap();
+        let rows = read_metrics_csv(&path).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].period, rows[0].step), (3, 24));
+        write_metrics_csv(&path, &rows).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("period,step,"), "{text}");
+        assert_eq!(read_metrics_csv(&path).unwrap(), rows);
+    }
 }
