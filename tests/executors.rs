@@ -687,3 +687,56 @@ fn slurm_polling_costs_one_squeue_call_per_cycle_whatever_the_number_of_jobs() {
     assert!(most >= 20, "one call covered {most} jobs at most");
     eprintln!("{} jobs, {polls} polls", v["executor"]["submitted"]);
 }
+
+#[test]
+fn slurm_sigterm_cancels_the_drivers_jobs_unless_detached() {
+    let _one = SLURM.lock().unwrap_or_else(|e| e.into_inner());
+    if !slurm_up() {
+        return;
+    }
+    for detach in [false, true] {
+        let p = Project::new();
+        let e = p.experiment("s", &dbg_exp("s", "0.001", ""));
+        let e = e.to_str().unwrap();
+        p.run_json(&[e, "--until", "preprocess"]);
+        let mut args = vec!["run", "--executor", "slurm", "--poll-interval", "0.5", e];
+        if detach {
+            args.push("--detach");
+        }
+        let child = p
+            .cmd(&args)
+            .env("DRIVELINE_DEBUG_SLEEP_MS", "30000")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for("fit to be submitted", 300, || {
+            job_record(&p, "fit").is_some()
+        });
+        let (_, rec) = job_record(&p, "fit").unwrap();
+        let id = rec["id"].as_str().unwrap().to_string();
+        // status, from another process, shows the stage's job.
+        let st = text(&p.run(&["status", e]));
+        assert!(st.contains(&format!("in Slurm job {id}")), "{st}");
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("interrupted"), "{}", text(&out));
+        let listed = || queue().iter().any(|(j, _, _)| *j == id);
+        if detach {
+            assert!(listed(), "--detach left the job running");
+            assert!(text(&out).contains("--detach"), "{}", text(&out));
+            Command::new("scancel").arg(&id).status().unwrap();
+        } else {
+            assert!(
+                text(&out).contains(&format!("cancelled Slurm jobs {id}")),
+                "{}",
+                text(&out)
+            );
+            wait_for("the job to leave the queue", 60, || !listed());
+        }
+        assert!(!p.path().join("runs/s/fit").exists());
+    }
+}
