@@ -14,4 +14,5 @@ pub mod model;
 pub mod pipeline;
 pub mod predict;
 pub mod report;
+pub mod runs;
 pub mod stages;
