@@ -26,7 +26,8 @@ pub const SUMMARY: &str = "summary.json";
 
 impl Stage for Report {
     fn version(&self) -> u32 {
-        1
+        // 2: summary.json records the experiment's params (`config`).
+        2
     }
     fn role(&self) -> &'static str {
         "report"
@@ -147,6 +148,9 @@ pub fn summarize(exp: &Experiment, train_dir: &Path, eval_dir: &Path) -> Result<
         param_count: ts.param_count as u64,
         device: ts.device,
         predictions,
+        // TODO(lead): use `ctx.params` (the params the pipeline declares for this stage) once
+        // StageCtx::params lands; until then every section of the experiment.
+        config: serde_json::from_value(serde_json::to_value(exp)?)?,
     })
 }
 
