@@ -870,7 +870,7 @@ mod tests {
         );
         // A sweep file may extend a plain one, and `load` refuses a sweep file.
         let sweep = d.path().join("sweep.toml");
-        std::fs::write(&d.path().join("base.toml"), BASE).unwrap();
+        std::fs::write(d.path().join("base.toml"), BASE).unwrap();
         std::fs::write(
             &sweep,
             "extends = \"base.toml\"\n[sweep]\n\"train.lr\" = [1e-3, 3e-4]\n",
