@@ -405,6 +405,40 @@ fn zip_and_command_line_sweeps_give_the_points_of_the_equivalent_toml() {
     assert_eq!(rows[0]["stages"][0]["reason"], "never run");
     assert!(p.objects().is_empty(), "runs published {:?}", p.objects());
     assert!(!p.path().join("runs").exists());
+    // Under runs/: after a change that reran only preprocess, what was computed from the old
+    // preprocess output is stale, and says why.
+    p.run_json(&["experiments/g.toml"]);
+    let fresh = json(&p, &["runs", "--json"]);
+    assert!(fresh["experiments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["stale"] == false));
+    p.run_json(&[
+        "experiments/g.toml",
+        "--set",
+        "train.imgsz=72",
+        "--until",
+        "preprocess",
+    ]);
+    let v = json(&p, &["runs", "--json"]);
+    let rows = v["experiments"].as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    for r in rows {
+        let state = |i: usize| {
+            (
+                r["stages"][i]["name"].as_str().unwrap(),
+                r["stages"][i]["state"].as_str().unwrap(),
+            )
+        };
+        assert_eq!(state(1), ("preprocess", "fresh"), "{r}");
+        assert_eq!(state(2), ("fit", "stale"), "{r}");
+        assert_eq!(state(3), ("score", "stale"), "{r}");
+        assert_eq!(
+            r["stages"][2]["reason"],
+            "upstream preprocess changed since it ran"
+        );
+    }
 }
 
 /// Run, expect failure; return stderr, after checking nothing was published.
