@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand};
 
 use driveline::config::{self, Loaded};
 use driveline::pipeline::runner::{self, ExperimentReport};
+use driveline::pipeline::schedule::Plan;
+use driveline::pipeline::{cache, executor, gc};
 use driveline::pipeline::{Env, Pipeline, RunOptions};
 
 /// The embedded default experiment: synthetic data and a small model, end to end in minutes.
@@ -57,6 +59,21 @@ enum Cmd {
     Runs(RunsArgs),
     /// The params that differ between two experiments and every metric with its delta.
     Diff(DiffArgs),
+    /// Remove cached outputs that no runs/ link, installed report or --keep experiment reaches.
+    Gc(GcArgs),
+    /// Compute one planned stage (what local children and Slurm jobs run).
+    #[command(hide = true)]
+    ExecStage {
+        #[arg(long)]
+        spec: PathBuf,
+        #[arg(long)]
+        result: PathBuf,
+    },
+    /// Inspect the cache.
+    Cache {
+        #[command(subcommand)]
+        what: CacheCmd,
+    },
 }
 
 /// Sweeps from the command line (and limits on those in files).
@@ -119,6 +136,35 @@ struct DiffArgs {
 }
 
 #[derive(Args)]
+struct GcArgs {
+    /// Show what would be removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Also keep every stage of these experiments (as they are planned now).
+    #[arg(long, value_name = "EXP.toml", num_args = 1..)]
+    keep: Vec<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Re-hash published outputs against their manifests; damaged ones are quarantined.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The experiments whose outputs to check (default: what runs/ and reports/ refer to).
+    experiments: Vec<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Check every object in the cache.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Args)]
 struct RunArgs {
     experiments: Vec<PathBuf>,
     /// Override a key: --set train.lr=3e-4 (repeatable).
@@ -138,6 +184,25 @@ struct RunArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    exec: ExecArgs,
+}
+
+/// Where stages run.
+#[derive(Args)]
+struct ExecArgs {
+    /// `local` (this machine) or `slurm` (each stage a batch job on the cluster).
+    #[arg(long, env = "DRIVELINE_EXECUTOR", default_value = "local")]
+    executor: String,
+    /// The most stages running at once (local executor; Slurm queues what it cannot run).
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// Slurm: seconds between two status polls (one `squeue` call each).
+    #[arg(long, env = "DRIVELINE_POLL_INTERVAL", default_value_t = 5.0)]
+    poll_interval: f64,
+    /// Slurm: leave the submitted jobs running when the driver is interrupted.
+    #[arg(long)]
+    detach: bool,
 }
 
 #[derive(Args)]
@@ -166,6 +231,8 @@ struct ReportArgs {
     out: Option<PathBuf>,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    exec: ExecArgs,
 }
 
 #[derive(Args)]
@@ -320,6 +387,7 @@ fn real_main(cli: Cli) -> Result<()> {
     }
     let g = Global {
         cache_dir: cli.cache_dir,
+        threads: cli.threads,
     };
     match cli.cmd {
         Cmd::Run(a) => cmd_run(&g, a),
@@ -330,18 +398,48 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Dag(a) => cmd_dag(a),
         Cmd::Runs(a) => cmd_runs(&g, a),
         Cmd::Diff(a) => cmd_diff(&g, a),
+        Cmd::Gc(a) => cmd_gc(&g, a),
+        Cmd::ExecStage { spec, result } => cmd_exec_stage(&g, &spec, &result),
+        Cmd::Cache {
+            what: CacheCmd::Verify(a),
+        } => cmd_cache_verify(&g, a),
     }
 }
 
 /// Options every subcommand shares.
 struct Global {
     cache_dir: Option<PathBuf>,
+    threads: Option<usize>,
 }
 
 impl Global {
     /// Where the experiments' project lives and its cache.
     fn env(&self, experiments: &[PathBuf]) -> Result<Env> {
-        Env::new(&project_root(experiments), self.cache_dir.as_deref())
+        let mut env = Env::new(&project_root(experiments), self.cache_dir.as_deref())?;
+        // Jobs and child processes find the cache by this path, from any directory.
+        if let Ok(abs) = env.cache.root.canonicalize() {
+            env.cache.root = abs;
+        }
+        Ok(env)
+    }
+
+    fn executor(
+        &self,
+        env: &Env,
+        a: &ExecArgs,
+        opts: &RunOptions,
+    ) -> Result<Box<dyn executor::Executor>> {
+        executor::select(
+            env,
+            &executor::ExecutorOptions {
+                kind: a.executor.clone(),
+                jobs: a.jobs,
+                threads: self.threads,
+                poll_interval: a.poll_interval,
+                detach: a.detach,
+            },
+            opts,
+        )
     }
 }
 
@@ -355,39 +453,72 @@ fn cmd_run(g: &Global, a: RunArgs) -> Result<()> {
         dry_run: a.dry_run,
         quiet: a.json,
     };
-    let reports = run_all(&env, &exps, &opts)?;
+    let plan = Plan::build(&env, &exps, &opts)?;
+    let mut exec = g.executor(&env, &a.exec, &opts)?;
+    let reports = plan.run(&env, exec.as_mut(), &opts)?;
     if a.json {
-        print_json(&reports)?;
+        println!(
+            "{}",
+            serde_json::to_string(
+                &serde_json::json!({ "experiments": reports, "executor": exec.stats() })
+            )?
+        );
     }
     Ok(())
 }
 
-/// `driveline status`: fresh/stale per stage and why; runs nothing.
+/// `driveline status`: fresh/stale per stage and why, and the Slurm job of each stage queued
+/// or running; runs nothing (a damaged output is moved to quarantine, as by any lookup).
 fn cmd_status(g: &Global, a: StatusArgs) -> Result<()> {
     let exps = load_sweep(&a.experiments, &a.sets, &a.sweep)?;
     let env = g.env(&a.experiments)?;
-    let mut reports = Vec::new();
+    let mut planned = Vec::new();
     for l in &exps {
         let pipeline = Pipeline::load(&l.exp.pipeline, &env.project_root)?;
-        let planned = runner::plan(&env, l, &pipeline)?;
+        planned.push((l, pipeline.name.clone(), runner::plan(&env, l, &pipeline)?));
+    }
+    let stale: BTreeSet<String> = planned
+        .iter()
+        .flat_map(|(_, _, ps)| {
+            ps.iter()
+                .filter(|p| p.stale.is_some())
+                .map(|p| p.key.clone())
+        })
+        .collect();
+    let jobs = executor::slurm::live_jobs(&env, &stale);
+    let mut reports = Vec::new();
+    for (l, pipeline, ps) in planned {
         if !a.json {
-            println!("{} ({})", l.exp.name, pipeline.name);
+            println!("{} ({pipeline})", l.exp.name);
         }
         let mut stages = Vec::new();
-        for p in planned {
+        for p in ps {
+            let job = jobs.get(&p.key);
             if !a.json {
-                match &p.stale {
-                    None => println!("  {}: fresh ({})", p.name, &p.key[..12]),
-                    Some(r) => println!("  {}: stale ({r})", p.name),
+                match (&p.stale, job) {
+                    (None, _) => println!("  {}: fresh ({})", p.name, cache::short(&p.key)),
+                    (Some(r), Some((id, state))) => println!(
+                        "  {}: {} in Slurm job {id} ({r})",
+                        p.name,
+                        state.to_lowercase()
+                    ),
+                    (Some(r), None) => println!("  {}: stale ({r})", p.name),
                 }
             }
             stages.push(runner::StageReport {
                 name: p.name,
-                status: if p.stale.is_some() { "stale" } else { "fresh" }.into(),
+                status: match (&p.stale, job) {
+                    (None, _) => "fresh".into(),
+                    (Some(_), Some((_, state))) => state.to_lowercase(),
+                    (Some(_), None) => "stale".into(),
+                },
                 key: p.key,
                 seconds: 0.0,
                 reason: p.stale,
                 role: String::new(),
+                started_at: None,
+                finished_at: None,
+                job: job.map(|(id, _)| id.clone()),
             });
         }
         reports.push(ExperimentReport {
@@ -416,29 +547,29 @@ fn cmd_report(g: &Global, a: ReportArgs) -> Result<()> {
         quiet: a.json,
         ..RunOptions::default()
     };
-    let reports = run_all(&env, &exps, &opts)?;
-    let mut keys = Vec::new();
-    for r in &reports {
-        let Some(st) = r.stages.iter().find(|s| s.role == "report") else {
-            bail!("experiment `{}`: its pipeline has no report stage", r.name);
-        };
-        keys.push((r.name.clone(), st.key.clone()));
-    }
     let out_root = a.out.unwrap_or_else(|| env.project_root.join("reports"));
-    let t0 = std::time::Instant::now();
-    let (key, ran) = driveline::stages::report::compare(&env, &name, &keys, &out_root)?;
+    let mut plan = Plan::build(&env, &exps, &opts)?;
+    plan.add_compare(&env, &name, &out_root)?;
+    let mut exec = g.executor(&env, &a.exec, &opts)?;
+    let mut reports = plan.run(&env, exec.as_mut(), &opts)?;
+    let st = reports
+        .pop()
+        .and_then(|r| r.stages.into_iter().next())
+        .context("the comparison was not planned")?;
     let dest = out_root.join(&name);
+    let written = runner::install_report(&env, &st.key, &dest)?;
     if a.json {
         let v = serde_json::json!({
+            "executor": exec.stats(),
             "experiments": reports,
-            "report": {"name": name, "status": if ran {"ran"} else {"cached"}, "key": key,
-                       "seconds": t0.elapsed().as_secs_f64(), "path": dest},
+            "report": {"name": name, "status": st.status, "key": st.key,
+                       "seconds": st.seconds, "path": dest},
         });
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
             "report `{name}`: {} → {}",
-            if ran { "written" } else { "up to date" },
+            if written { "written" } else { "up to date" },
             dest.join("index.html").display()
         );
     }
@@ -496,7 +627,7 @@ fn bench_data(
         quiet: true,
         ..RunOptions::default()
     };
-    let rep = runner::run(&env, l, &opts, &mut BTreeSet::new())?;
+    let rep = runner::run(&env, l, &opts)?;
     let pre = rep
         .stages
         .iter()
@@ -628,21 +759,108 @@ fn cmd_diff(g: &Global, a: DiffArgs) -> Result<()> {
     Ok(())
 }
 
+/// The keys of every stage of `files`' experiments, as planned now.
+fn planned_keys(env: &Env, files: &[PathBuf], sets: &[String]) -> Result<BTreeSet<String>> {
+    let mut keys = BTreeSet::new();
+    if files.is_empty() {
+        return Ok(keys);
+    }
+    for l in load_all(files, sets)? {
+        let pipeline = Pipeline::load(&l.exp.pipeline, &env.project_root)?;
+        keys.extend(runner::plan(env, &l, &pipeline)?.into_iter().map(|p| p.key));
+    }
+    Ok(keys)
+}
+
+/// `driveline exec-stage` (hidden): compute one planned stage; what local children and Slurm
+/// jobs run.
+fn cmd_exec_stage(g: &Global, spec: &Path, result: &Path) -> Result<()> {
+    let env = g.env(&[])?;
+    executor::exec_stage(&env, spec, result)
+}
+
+/// `driveline gc`: remove what nothing reaches.
+fn cmd_gc(g: &Global, a: GcArgs) -> Result<()> {
+    let env = g.env(&a.keep)?;
+    let mut roots = gc::referenced(&env)?;
+    roots.extend(planned_keys(&env, &a.keep, &a.sets)?);
+    let keep = gc::closure(&env.cache, &roots);
+    let r = gc::gc(&env.cache, &keep, a.dry_run)?;
+    let verb = if a.dry_run { "would remove" } else { "removed" };
+    for x in &r.removed {
+        let what = match &x.stage {
+            Some(s) => format!("{} (stage {s})", x.what),
+            None => x.what.to_string(),
+        };
+        println!(
+            "  {verb} {what} {} ({})",
+            cache::short(&x.key),
+            gc::human_bytes(x.bytes)
+        );
+    }
+    for k in &r.in_use {
+        println!("  kept {}: in use by another process", cache::short(k));
+    }
+    println!(
+        "kept {} object(s), {} (reached from runs/, reports/{}); {verb} {} folder(s), {} {}",
+        r.kept,
+        gc::human_bytes(r.kept_bytes),
+        if a.keep.is_empty() { "" } else { " and --keep" },
+        r.removed.len(),
+        gc::human_bytes(r.freed()),
+        if a.dry_run { "would be freed" } else { "freed" },
+    );
+    if r.quarantine_bytes > 0 {
+        println!(
+            "quarantined objects: {} in {} (left for inspection; delete by hand)",
+            gc::human_bytes(r.quarantine_bytes),
+            gc::quarantine_dir(&env.cache).display()
+        );
+    }
+    Ok(())
+}
+
+/// `driveline cache verify`: hash published outputs against their manifests.
+fn cmd_cache_verify(g: &Global, a: VerifyArgs) -> Result<()> {
+    let env = g.env(&a.experiments)?;
+    let keys = if a.all {
+        env.cache.keys()?.into_iter().collect()
+    } else if a.experiments.is_empty() {
+        gc::closure(&env.cache, &gc::referenced(&env)?)
+    } else {
+        planned_keys(&env, &a.experiments, &a.sets)?
+    };
+    let t0 = std::time::Instant::now();
+    let r = gc::verify(&env.cache, &keys);
+    for d in &r.damaged {
+        println!("BAD {d}");
+    }
+    for k in &r.missing {
+        println!("missing {} (not computed yet)", cache::short(k));
+    }
+    println!(
+        "verified {} object(s), {} in {:.2} s: {} damaged",
+        r.good + r.damaged.len(),
+        gc::human_bytes(r.bytes),
+        t0.elapsed().as_secs_f64(),
+        r.damaged.len()
+    );
+    if !r.damaged.is_empty() {
+        bail!(
+            "{} damaged object(s) moved to {}; `driveline run` recomputes them",
+            r.damaged.len(),
+            gc::quarantine_dir(&env.cache).display()
+        );
+    }
+    Ok(())
+}
+
 fn print_json(reports: &[ExperimentReport]) -> Result<()> {
     println!(
         "{}",
         serde_json::to_string(&serde_json::json!({ "experiments": reports }))?
     );
     Ok(())
-}
-
-fn run_all(env: &Env, exps: &[Loaded], opts: &RunOptions) -> Result<Vec<ExperimentReport>> {
-    let mut done_now = BTreeSet::new();
-    let mut reports = Vec::new();
-    for l in exps {
-        reports.push(runner::run(env, l, opts, &mut done_now)?);
-    }
-    Ok(reports)
 }
 
 /// The project root: the nearest ancestor of the first experiment file that has a

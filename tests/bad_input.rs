@@ -248,7 +248,7 @@ fn cyclic_and_inconsistent_pipelines() {
     assert!(err.contains("cyc.toml") && err.contains("cycle"), "{err}");
     std::fs::write(
         p.path().join("pipelines/orphan.toml"),
-        "[[stage]]\nname = \"preprocess\"\nparams = [\"train.imgsz\"]\n",
+        "[[stage]]\nname = \"preprocess\"\nparams = [\"data.layout\", \"data.synthetic\", \"train.imgsz\"]\ndata = \"content\"\n",
     )
     .unwrap();
     let e = p.experiment("o", &synthetic_exp("o").replace("\"dbg\"", "\"orphan\""));

@@ -497,6 +497,12 @@ pub(super) fn known_keys() -> Table {
         _ => Table::new(),
     };
     t.insert("extends".into(), Value::String(String::new()));
+    // `[resources.<stage>]`: any stage name, each with the keys of `Resources`.
+    let mut res = Table::new();
+    if let Ok(Value::Table(r)) = Value::try_from(super::resources::Resources::known()) {
+        res.insert("default".into(), Value::Table(r));
+    }
+    t.insert("resources".into(), Value::Table(res));
     t
 }
 
@@ -547,7 +553,13 @@ fn walk_unknown(
 ) {
     for (k, v) in t {
         let path = join(prefix, k);
-        match known.get(k) {
+        // Stage names under `resources` are free; their keys are those of `default`.
+        let known_k = if prefix == "resources" {
+            known.get("default")
+        } else {
+            known.get(k)
+        };
+        match known_k {
             None => {
                 // Report the leaves of an unknown table (`[trian] lr = …` → `trian.lr`), so
                 // the suggestion can name the full key (`train.lr`).
@@ -585,10 +597,13 @@ fn leaf_paths(t: &Table, prefix: &str, out: &mut Vec<String>) {
     }
 }
 
-/// The schema's dotted keys (sections and leaves), for validating pipeline `params`.
+/// The schema's dotted keys (sections and leaves), for validating pipeline `params`
+/// (`resources` is not among them: no stage key may depend on it).
 pub fn schema_paths() -> Vec<String> {
+    let mut t = known_keys();
+    t.remove("resources");
     let mut v = Vec::new();
-    all_paths(&known_keys(), "", &mut v);
+    all_paths(&t, "", &mut v);
     v
 }
 

@@ -3,6 +3,7 @@
 
 pub mod load;
 pub mod params;
+pub mod resources;
 pub mod schema;
 pub mod sweep;
 

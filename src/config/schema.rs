@@ -4,7 +4,11 @@
 //! [`Experiment::validate`], which reports the dotted key path of each problem so
 //! that the loader can point at the file, line and column it came from.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+
+pub use super::resources::Resources;
 
 /// One experiment, after `extends` has been merged and `--set` overrides applied.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,6 +37,10 @@ pub struct Experiment {
     pub evaluate: EvaluateConfig,
     #[serde(default)]
     pub report: ReportConfig,
+    /// What each stage asks of a Slurm cluster (`[resources.default]`, `[resources.<stage>]`);
+    /// part of no stage key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resources: BTreeMap<String, Resources>,
 }
 
 fn default_pipeline() -> String {
@@ -464,6 +472,7 @@ impl Experiment {
             augment: AugmentConfig::default(),
             evaluate: EvaluateConfig::default(),
             report: ReportConfig::default(),
+            resources: BTreeMap::new(),
         }
     }
 
@@ -478,7 +487,7 @@ impl Experiment {
 
     /// Range checks the types cannot express: (dotted key, message) for each problem.
     pub fn validate(&self) -> Vec<(String, String)> {
-        let mut p: Vec<(String, String)> = Vec::new();
+        let mut p: Vec<(String, String)> = super::resources::validate(&self.resources);
         let mut bad = |k: &str, m: String| p.push((k.to_string(), m));
         let ok_name = |s: &str| {
             !s.is_empty()

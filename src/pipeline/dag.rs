@@ -8,20 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::config::load::{schema_paths, suggest};
-use crate::stages;
-
-/// Which external files a stage's key covers.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum DataInputs {
-    /// None: the stage reads only its params and upstream outputs.
-    #[default]
-    None,
-    /// The names of the files under `data.root` (what split reads).
-    Listing,
-    /// The names and contents of the files under `data.root` (what preprocess reads).
-    Content,
-}
+use crate::stages::{self, DataInputs};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,7 +120,7 @@ impl Pipeline {
                     bail!("{f}: stage `{}`: unknown param `{p}`{hint}", s.name);
                 }
             }
-            let _ = imp;
+            check_declares_reads(&f.to_string(), s, imp)?;
         }
         let stages = topo_sort(&pf.stages).map_err(|cycle| {
             anyhow::anyhow!("{f}: the stages form a cycle: {}", cycle.join(" → "))
@@ -210,6 +197,43 @@ impl Pipeline {
         s.push_str("}\n");
         s
     }
+}
+
+/// The pipeline must list every param the implementation reads (or a section holding it),
+/// and at least the dataset files it reads: otherwise its key would not cover what it reads,
+/// and the cache would serve an output computed with other values.
+fn check_declares_reads(f: &str, s: &StageDecl, imp: &dyn stages::Stage) -> Result<()> {
+    for need in imp.params() {
+        if !s.params.iter().any(|p| covers(p, need)) {
+            bail!(
+                "{f}: stage `{}` ({}) reads `{need}`, which its `params` do not list: add \"{need}\" \
+                 (its cache key must cover every value the stage reads)",
+                s.name,
+                s.kind()
+            );
+        }
+    }
+    if s.data < imp.data() {
+        let want = match imp.data() {
+            DataInputs::Content => "content",
+            _ => "listing",
+        };
+        bail!(
+            "{f}: stage `{}` ({}) reads the dataset files under data.root: set data = \"{want}\" \
+             so that they enter its cache key",
+            s.name,
+            s.kind()
+        );
+    }
+    Ok(())
+}
+
+/// Whether listing `param` (a key or a section) covers the key `need`.
+pub fn covers(param: &str, need: &str) -> bool {
+    need == param
+        || need
+            .strip_prefix(param)
+            .is_some_and(|rest| rest.starts_with('.'))
 }
 
 fn ancestors(by_name: &BTreeMap<&str, &StageDecl>, name: &str) -> BTreeSet<String> {
@@ -327,5 +351,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("declared twice"), "{e}");
+    }
+
+    #[test]
+    fn refuses_a_stage_whose_params_miss_what_it_reads() {
+        let e = parse("[[stage]]\nname='split'\nparams=['data.layout', 'data.valid_count', 'data.valid_ids', 'data.synthetic']\ndata='listing'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("stage `split` (split) reads `data.split_seed`"),
+            "{e}"
+        );
+        // A section covers its keys; data inputs must be declared too.
+        let e = parse("[[stage]]\nname='split'\nparams=['data']\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data = \"listing\""), "{e}");
+        parse("[[stage]]\nname='split'\nparams=['data']\ndata='content'\n").unwrap();
+        assert!(covers("train", "train.lr") && covers("train.lr", "train.lr"));
+        assert!(!covers("train.l", "train.lr") && !covers("train.lr", "train"));
     }
 }

@@ -2,8 +2,11 @@
 
 pub mod cache;
 pub mod dag;
+pub mod executor;
+pub mod gc;
 pub mod progress;
 pub mod runner;
+pub mod schedule;
 
 pub use cache::Cache;
 pub use dag::Pipeline;

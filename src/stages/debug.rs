@@ -1,4 +1,4 @@
-//! `debug`: writes the canonical values of its params and the keys of its inputs. Useful to
+//! `debug`: writes the canonical values of its params and the names of its inputs. Useful to
 //! see what a stage would receive, and to test the runner with pipelines that do no real work.
 //!
 //! `DRIVELINE_DEBUG_SLEEP_MS` makes it sleep in the middle of writing (after a partial
@@ -16,6 +16,9 @@ impl Stage for Debug {
     fn version(&self) -> u32 {
         1
     }
+    fn params(&self) -> &'static [&'static str] {
+        &[]
+    }
     fn role(&self) -> &'static str {
         "debug"
     }
@@ -32,10 +35,9 @@ impl Stage for Debug {
         }
         let upstream: Vec<String> = ctx.upstream.keys().cloned().collect();
         let v = serde_json::json!({
-            "experiment": ctx.exp.name,
             "stage": ctx.stage,
             "upstream": upstream,
-            "train.lr": ctx.exp.train.lr,
+            "params": ctx.params,
         });
         fs::write(&out, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("cannot write {}", out.display()))?;

@@ -32,6 +32,16 @@ impl Stage for Evaluate {
         // 3: sparse dilated convolutions and the in-place inference pass (last-bit changes).
         3
     }
+    fn params(&self) -> &'static [&'static str] {
+        &[
+            "evaluate.checkpoint",
+            "evaluate.tta",
+            "evaluate.threshold",
+            "evaluate.tile",
+            "evaluate.overlap",
+            "train.device",
+        ]
+    }
     fn role(&self) -> &'static str {
         "evaluate"
     }

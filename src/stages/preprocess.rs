@@ -19,7 +19,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use super::split::{Entry, SplitFile};
-use super::{Stage, StageCtx};
+use super::{DataInputs, Stage, StageCtx};
 use crate::config::{Experiment, Layout};
 use crate::data::{self, Sample, SampleFiles};
 
@@ -33,6 +33,12 @@ pub struct PreprocessNative;
 impl Stage for Preprocess {
     fn version(&self) -> u32 {
         1
+    }
+    fn params(&self) -> &'static [&'static str] {
+        &["data.layout", "data.synthetic", "train.imgsz"]
+    }
+    fn data(&self) -> DataInputs {
+        DataInputs::Content
     }
     fn role(&self) -> &'static str {
         "preprocess"
@@ -49,6 +55,12 @@ impl Stage for Preprocess {
 impl Stage for PreprocessNative {
     fn version(&self) -> u32 {
         1
+    }
+    fn params(&self) -> &'static [&'static str] {
+        &["data.layout", "data.synthetic"]
+    }
+    fn data(&self) -> DataInputs {
+        DataInputs::Content
     }
     fn role(&self) -> &'static str {
         "preprocess"

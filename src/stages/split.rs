@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::{Stage, StageCtx};
+use super::{DataInputs, Stage, StageCtx};
 use crate::config::{DataConfig, Layout};
 use crate::data::{self, SampleFiles};
 
@@ -63,6 +63,18 @@ impl SplitFile {
 impl Stage for Split {
     fn version(&self) -> u32 {
         1
+    }
+    fn params(&self) -> &'static [&'static str] {
+        &[
+            "data.layout",
+            "data.valid_count",
+            "data.valid_ids",
+            "data.split_seed",
+            "data.synthetic",
+        ]
+    }
+    fn data(&self) -> DataInputs {
+        DataInputs::Listing
     }
     fn role(&self) -> &'static str {
         "split"

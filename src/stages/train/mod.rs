@@ -52,6 +52,33 @@ impl Stage for Train {
         //    differ in the last bits (summation order).
         3
     }
+    fn params(&self) -> &'static [&'static str] {
+        &[
+            "model",
+            "augment",
+            "data.normalize",
+            "train.imgsz",
+            "train.epochs",
+            "train.steps",
+            "train.valid_every_steps",
+            "train.batch",
+            "train.lr",
+            "train.optimizer",
+            "train.momentum",
+            "train.weight_decay",
+            "train.scheduler",
+            "train.step_size",
+            "train.gamma",
+            "train.lr_min_factor",
+            "train.loss",
+            "train.class_weights",
+            "train.seed",
+            "train.device",
+            "train.precision",
+            "train.crop",
+            "train.save_preds_every",
+        ]
+    }
     fn role(&self) -> &'static str {
         "train"
     }
