@@ -21,5 +21,6 @@ pub mod pipeline;
 pub mod predict;
 pub mod progress;
 pub mod report;
+pub mod runs;
 pub mod stages;
 pub mod training;

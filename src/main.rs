@@ -54,6 +54,11 @@ enum Cmd {
     Infer(InferArgs),
     /// Print an experiment's stage graph.
     Dag(DagArgs),
+    /// One row per experiment (under runs/, or named): stage states, the params that differ,
+    /// metrics. Reads the cache; never trains.
+    Runs(RunsArgs),
+    /// The params that differ between two experiments and every metric with its delta.
+    Diff(DiffArgs),
     /// Remove cached outputs that no runs/ link, installed report or --keep experiment reaches.
     Gc(GcArgs),
     /// Compute one planned stage (what local children and Slurm jobs run).
@@ -69,6 +74,65 @@ enum Cmd {
         #[command(subcommand)]
         what: CacheCmd,
     },
+}
+
+/// Sweeps from the command line (and limits on those in files).
+#[derive(Args, Clone)]
+struct SweepArgs {
+    /// Sweep a key over values: --sweep train.lr=1e-4,3e-4 (repeatable; one experiment per
+    /// point of the grid, or of the zipped lists with --sweep-mode zip).
+    #[arg(long = "sweep", value_name = "KEY=V1,V2,...")]
+    sweeps: Vec<String>,
+    /// How sweep lists combine: grid (every combination) or zip (i-th values together).
+    /// Replaces the file's `[sweep] mode`.
+    #[arg(long, value_name = "grid|zip")]
+    sweep_mode: Option<config::SweepMode>,
+    /// Most points a sweep may expand to.
+    #[arg(long, default_value_t = config::sweep::MAX_POINTS)]
+    max_points: usize,
+}
+
+impl Default for SweepArgs {
+    fn default() -> Self {
+        SweepArgs {
+            sweeps: Vec::new(),
+            sweep_mode: None,
+            max_points: config::sweep::MAX_POINTS,
+        }
+    }
+}
+
+#[derive(Args)]
+struct RunsArgs {
+    /// Experiment or sweep files (default: every experiment under runs/).
+    experiments: Vec<PathBuf>,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    #[command(flatten)]
+    sweep: SweepArgs,
+    /// Sort by a metric (best first: miou, valid_f1, valid_auc, test_f1, test_auc; train_time
+    /// shortest first), a param (train.lr, or its last segment) or name.
+    #[arg(long, value_name = "METRIC")]
+    sort: Option<String>,
+    /// Print JSON.
+    #[arg(long, conflicts_with = "csv")]
+    json: bool,
+    /// Print CSV.
+    #[arg(long)]
+    csv: bool,
+}
+
+#[derive(Args)]
+struct DiffArgs {
+    /// An experiment file, or the name of an experiment under runs/.
+    a: String,
+    /// An experiment file, or the name of an experiment under runs/.
+    b: String,
+    /// Overrides for experiment files given as A or B.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -106,6 +170,8 @@ struct RunArgs {
     /// Override a key: --set train.lr=3e-4 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    #[command(flatten)]
+    sweep: SweepArgs,
     /// Stop after this stage.
     #[arg(long)]
     until: Option<String>,
@@ -144,6 +210,8 @@ struct StatusArgs {
     experiments: Vec<PathBuf>,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    #[command(flatten)]
+    sweep: SweepArgs,
     #[arg(long)]
     json: bool,
 }
@@ -153,6 +221,8 @@ struct ReportArgs {
     experiments: Vec<PathBuf>,
     #[arg(long = "set", value_name = "KEY=VALUE")]
     sets: Vec<String>,
+    #[command(flatten)]
+    sweep: SweepArgs,
     /// Report name: the folder under --out.
     #[arg(long, default_value = "comparison")]
     name: String,
@@ -326,6 +396,8 @@ fn real_main(cli: Cli) -> Result<()> {
         Cmd::Bench { what, json } => cmd_bench(&g, what, json),
         Cmd::Infer(a) => cmd_infer(a),
         Cmd::Dag(a) => cmd_dag(a),
+        Cmd::Runs(a) => cmd_runs(&g, a),
+        Cmd::Diff(a) => cmd_diff(&g, a),
         Cmd::Gc(a) => cmd_gc(&g, a),
         Cmd::ExecStage { spec, result } => cmd_exec_stage(&g, &spec, &result),
         Cmd::Cache {
@@ -373,7 +445,7 @@ impl Global {
 
 /// `driveline run`: run the stale stages.
 fn cmd_run(g: &Global, a: RunArgs) -> Result<()> {
-    let exps = load_all(&a.experiments, &a.sets)?;
+    let exps = load_sweep(&a.experiments, &a.sets, &a.sweep)?;
     let env = g.env(&a.experiments)?;
     let opts = RunOptions {
         until: a.until,
@@ -398,7 +470,7 @@ fn cmd_run(g: &Global, a: RunArgs) -> Result<()> {
 /// `driveline status`: fresh/stale per stage and why, and the Slurm job of each stage queued
 /// or running; runs nothing (a damaged output is moved to quarantine, as by any lookup).
 fn cmd_status(g: &Global, a: StatusArgs) -> Result<()> {
-    let exps = load_all(&a.experiments, &a.sets)?;
+    let exps = load_sweep(&a.experiments, &a.sets, &a.sweep)?;
     let env = g.env(&a.experiments)?;
     let mut planned = Vec::new();
     for l in &exps {
@@ -469,7 +541,7 @@ fn cmd_report(g: &Global, a: ReportArgs) -> Result<()> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         bail!("--name {name:?}: a plain folder name is needed");
     }
-    let exps = load_all(&a.experiments, &a.sets)?;
+    let exps = load_sweep(&a.experiments, &a.sets, &a.sweep)?;
     let env = g.env(&a.experiments)?;
     let opts = RunOptions {
         quiet: a.json,
@@ -624,6 +696,70 @@ fn cmd_dag(a: DagArgs) -> Result<()> {
     Ok(())
 }
 
+/// `driveline runs`: the experiment table, from the cache.
+fn cmd_runs(g: &Global, a: RunsArgs) -> Result<()> {
+    let env = g.env(&a.experiments)?;
+    let rows = if a.experiments.is_empty() {
+        if !a.sets.is_empty() || !a.sweep.sweeps.is_empty() {
+            bail!("--set and --sweep apply to experiment files: name them, e.g. driveline runs experiments/quick.toml --sweep train.lr=1e-4,3e-4");
+        }
+        driveline::runs::from_runs_dir(&env)?
+    } else {
+        let exps = load_sweep(&a.experiments, &a.sets, &a.sweep)?;
+        driveline::runs::from_experiments(&env, &exps)?
+    };
+    let mut table = driveline::runs::Table::new(rows);
+    if let Some(key) = &a.sort {
+        table.sort(key)?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&table.to_json())?);
+    } else if a.csv {
+        print!("{}", table.to_csv()?);
+    } else {
+        print!("{}", table.to_text());
+    }
+    Ok(())
+}
+
+/// `driveline diff A B`: what differs between two experiments (files or names under runs/).
+fn cmd_diff(g: &Global, a: DiffArgs) -> Result<()> {
+    let files: Vec<PathBuf> = [&a.a, &a.b]
+        .into_iter()
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+        .collect();
+    let env = g.env(&files)?;
+    let row = |arg: &str| -> Result<driveline::runs::Row> {
+        let path = Path::new(arg);
+        if path.is_file() {
+            let exps = load_all(&[path.to_path_buf()], &a.sets)?;
+            if exps.len() != 1 {
+                let names: Vec<&str> = exps.iter().map(|l| l.exp.name.as_str()).collect();
+                bail!(
+                    "{arg} is a sweep of {} experiments: name one of them (under runs/): {}",
+                    exps.len(),
+                    names.join(", ")
+                );
+            }
+            Ok(driveline::runs::from_experiments(&env, &exps)?.remove(0))
+        } else if arg.ends_with(".toml") {
+            bail!("experiment file {arg} not found");
+        } else {
+            driveline::runs::from_run(&env, arg).with_context(|| {
+                format!("`{arg}` is neither an experiment file nor an experiment under runs/")
+            })
+        }
+    };
+    let d = driveline::runs::diff(row(&a.a)?, row(&a.b)?);
+    if a.json {
+        println!("{}", serde_json::to_string(&d.to_json())?);
+    } else {
+        print!("{}", d.to_text());
+    }
+    Ok(())
+}
+
 /// The keys of every stage of `files`' experiments, as planned now.
 fn planned_keys(env: &Env, files: &[PathBuf], sets: &[String]) -> Result<BTreeSet<String>> {
     let mut keys = BTreeSet::new();
@@ -749,23 +885,36 @@ fn project_root(experiments: &[PathBuf]) -> PathBuf {
     cwd
 }
 
-/// Load every experiment (all problems of all files are reported before anything runs).
+/// Load every experiment (all problems of all files are reported before anything runs); the
+/// `[sweep]` of a file expands to its points.
 fn load_all(files: &[PathBuf], sets: &[String]) -> Result<Vec<Loaded>> {
+    load_sweep(files, sets, &SweepArgs::default())
+}
+
+/// [`load_all`] with `--sweep` keys added to every file (or to the quick experiment when no
+/// file is named).
+fn load_sweep(files: &[PathBuf], sets: &[String], sweep: &SweepArgs) -> Result<Vec<Loaded>> {
     let root = project_root(files);
+    let opts = config::SweepOptions {
+        sweeps: sweep.sweeps.clone(),
+        mode: sweep.sweep_mode,
+        max_points: sweep.max_points,
+    };
     if files.is_empty() {
         let quick = root.join("experiments").join("quick.toml");
         let loaded = if quick.is_file() {
-            config::load(&quick, sets, &root)
+            config::load_points(&quick, sets, &opts, &root)
         } else {
-            config::load_str(QUICK, Path::new("<embedded>/quick.toml"), sets, &root)
+            let name = Path::new("<embedded>/quick.toml");
+            config::load_str_points(QUICK, name, sets, &opts, &root)
         };
-        return Ok(vec![loaded?]);
+        return loaded.map_err(|e| anyhow::anyhow!("invalid experiment:\n{e}"));
     }
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for f in files {
-        match config::load(f, sets, &root) {
-            Ok(l) => out.push(l),
+        match config::load_points(f, sets, &opts, &root) {
+            Ok(l) => out.extend(l),
             Err(e) => errors.push(e.to_string()),
         }
     }

@@ -21,6 +21,8 @@ pub enum Origin {
     },
     /// `--set key=value` on the command line.
     Cli(String),
+    /// `--sweep key=v1,v2,...` on the command line.
+    Sweep(String),
     /// Not set anywhere: the schema default.
     Default,
 }
@@ -30,6 +32,7 @@ impl fmt::Display for Origin {
         match self {
             Origin::File { file, line, col } => write!(f, "{}:{line}:{col}", file.display()),
             Origin::Cli(arg) => write!(f, "--set {arg}"),
+            Origin::Sweep(arg) => write!(f, "--sweep {arg}"),
             Origin::Default => write!(f, "(default)"),
         }
     }
@@ -79,7 +82,7 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl ConfigError {
-    fn one(origin: Origin, key: &str, message: impl Into<String>) -> Self {
+    pub(super) fn one(origin: Origin, key: &str, message: impl Into<String>) -> Self {
         ConfigError {
             problems: vec![Problem {
                 origin,
@@ -99,6 +102,8 @@ pub struct Loaded {
     pub file: Option<PathBuf>,
     /// Dotted key → where it was set (keys not listed come from the schema defaults).
     pub origins: BTreeMap<String, Origin>,
+    /// The sweep point this experiment is, when it comes from a `[sweep]` or `--sweep`.
+    pub point: Option<super::sweep::Point>,
 }
 
 impl Loaded {
@@ -113,10 +118,25 @@ pub const PATH_KEYS: &[&str] = &["data.root", "model.pretrained"];
 
 /// Load `file` (following `extends`), apply `sets` (`key=value`), resolve relative paths,
 /// and validate. `project_root` anchors relative paths written in experiment files.
+///
+/// A file with a `[sweep]` is refused here: it is several experiments
+/// ([`super::sweep::load_points`] expands it).
 pub fn load(file: &Path, sets: &[String], project_root: &Path) -> Result<Loaded, ConfigError> {
     let mut chain = Vec::new();
     let (table, mut origins) = load_chain(file, &mut chain)?;
+    refuse_sweep(&table, &origins)?;
     finish(table, &mut origins, Some(file), sets, project_root)
+}
+
+fn refuse_sweep(table: &Table, origins: &BTreeMap<String, Origin>) -> Result<(), ConfigError> {
+    if table.contains_key("sweep") {
+        return Err(ConfigError::one(
+            origin_of(origins, "sweep"),
+            "sweep",
+            "this file is a sweep (several experiments); load it with sweep::load_points",
+        ));
+    }
+    Ok(())
 }
 
 /// Load an experiment given as text (the embedded default), with `name` used in messages.
@@ -127,6 +147,7 @@ pub fn load_str(
     project_root: &Path,
 ) -> Result<Loaded, ConfigError> {
     let (table, mut origins) = parse_with_spans(text, name)?;
+    refuse_sweep(&table, &origins)?;
     if table.contains_key("extends") {
         return Err(ConfigError::one(
             origins.get("extends").cloned().unwrap_or(Origin::Default),
@@ -137,7 +158,7 @@ pub fn load_str(
     finish(table, &mut origins, None, sets, project_root)
 }
 
-fn finish(
+pub(super) fn finish(
     mut table: Table,
     origins: &mut BTreeMap<String, Origin>,
     file: Option<&Path>,
@@ -179,11 +200,12 @@ fn finish(
         exp,
         file: file.map(Path::to_path_buf),
         origins: origins.clone(),
+        point: None,
     })
 }
 
 /// The origin of `key`, or of its closest set ancestor (a section), or the default.
-fn origin_of(origins: &BTreeMap<String, Origin>, key: &str) -> Origin {
+pub(super) fn origin_of(origins: &BTreeMap<String, Origin>, key: &str) -> Origin {
     let mut k = key;
     loop {
         if let Some(o) = origins.get(k) {
@@ -201,8 +223,9 @@ fn clean_serde_message(msg: &str) -> String {
     msg.lines().next().unwrap_or(msg).trim().to_string()
 }
 
-/// Load a file and everything it extends, parents first, merged.
-fn load_chain(
+/// Load a file and everything it extends, parents first, merged. Only the file named first
+/// may hold a `[sweep]`: one in a file it extends is refused.
+pub(super) fn load_chain(
     file: &Path,
     chain: &mut Vec<PathBuf>,
 ) -> Result<(Table, BTreeMap<String, Origin>), ConfigError> {
@@ -258,6 +281,17 @@ fn load_chain(
         ));
     }
     let (mut base, mut base_origins) = load_chain(&parent_path, chain)?;
+    if base.contains_key("sweep") {
+        return Err(ConfigError::one(
+            origin_of(&base_origins, "sweep"),
+            "sweep",
+            format!(
+                "a file that is extended (here by {}) cannot hold a [sweep]: \
+                 put the sweep in the file you run",
+                file.display()
+            ),
+        ));
+    }
     base.remove("extends");
     base_origins.remove("extends");
     merge(&mut base, table);
@@ -277,8 +311,9 @@ pub fn merge(base: &mut Table, over: Table) {
     }
 }
 
-/// Parse TOML text into a table plus the line/column of every key.
-fn parse_with_spans(
+/// Parse TOML text into a table plus the line/column of every key (and of every list element
+/// under `sweep`, as `sweep.<key>[<i>]`).
+pub(super) fn parse_with_spans(
     text: &str,
     file: &Path,
 ) -> Result<(Table, BTreeMap<String, Origin>), ConfigError> {
@@ -328,13 +363,27 @@ fn collect_spans(
                 col,
             },
         );
-        if let DeValue::Table(inner) = v.get_ref() {
-            collect_spans(inner, &path, text, file, out);
+        match v.get_ref() {
+            DeValue::Table(inner) => collect_spans(inner, &path, text, file, out),
+            DeValue::Array(items) if path == "sweep" || path.starts_with("sweep.") => {
+                for (i, item) in items.iter().enumerate() {
+                    let (line, col) = line_col(text, item.span().start);
+                    out.insert(
+                        format!("{path}[{i}]"),
+                        Origin::File {
+                            file: file.to_path_buf(),
+                            line,
+                            col,
+                        },
+                    );
+                }
+            }
+            _ => {}
         }
     }
 }
 
-fn join(prefix: &str, k: &str) -> String {
+pub(super) fn join(prefix: &str, k: &str) -> String {
     if prefix.is_empty() {
         k.to_string()
     } else {
@@ -372,6 +421,19 @@ fn apply_set(
         ));
     }
     let value = parse_cli_value(raw.trim());
+    let origin = Origin::Cli(set.to_string());
+    set_value(table, key, value, &origin)?;
+    origins.insert(key.to_string(), origin);
+    Ok(())
+}
+
+/// Set the dotted `key` to `value`, creating the sections on the way.
+pub(super) fn set_value(
+    table: &mut Table,
+    key: &str,
+    value: Value,
+    origin: &Origin,
+) -> Result<(), ConfigError> {
     let mut parts: Vec<&str> = key.split('.').collect();
     let last = parts.pop().unwrap_or(key);
     let mut cur = &mut *table;
@@ -385,7 +447,7 @@ fn apply_set(
             Value::Table(t) => cur = t,
             _ => {
                 return Err(ConfigError::one(
-                    Origin::Cli(set.to_string()),
+                    origin.clone(),
                     &prefix,
                     "is not a table, cannot set a key inside it",
                 ))
@@ -393,11 +455,10 @@ fn apply_set(
         }
     }
     cur.insert(last.to_string(), value);
-    origins.insert(key.to_string(), Origin::Cli(set.to_string()));
     Ok(())
 }
 
-fn parse_cli_value(raw: &str) -> Value {
+pub(super) fn parse_cli_value(raw: &str) -> Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<Table>(&doc) {
         Ok(mut t) => t.remove("v").unwrap_or_else(|| Value::String(raw.into())),
@@ -430,7 +491,7 @@ fn resolve_path_key(
 }
 
 /// The tree of keys the schema knows, read off a default experiment.
-fn known_keys() -> Table {
+pub(super) fn known_keys() -> Table {
     let mut t = match Value::try_from(Experiment::template()) {
         Ok(Value::Table(t)) => t,
         _ => Table::new(),
@@ -445,7 +506,7 @@ fn known_keys() -> Table {
     t
 }
 
-fn all_paths(t: &Table, prefix: &str, out: &mut Vec<String>) {
+pub(super) fn all_paths(t: &Table, prefix: &str, out: &mut Vec<String>) {
     for (k, v) in t {
         let p = join(prefix, k);
         out.push(p.clone());

@@ -11,7 +11,7 @@ use base64::Engine;
 use super::format::{FOV_NOTE, MISSING};
 use super::plots::palette;
 use super::tables::{self, Table};
-use super::{ExperimentSummary, ReportDoc, BEST_MIOU_PNG, MIOU_OVERLAY_PNG};
+use super::{ExperimentSummary, ReportDoc, BEST_MIOU_PNG, MIOU_OVERLAY_PNG, SWEEP_PNG};
 
 /// Escapes text for HTML element content and double-quoted attributes.
 fn esc(s: &str) -> String {
@@ -131,6 +131,10 @@ table.grid th, table.grid td { white-space:normal; text-align:center; vertical-a
 table.grid td.id, table.grid td.muted { font-weight:600; width:70px; vertical-align:middle; }
 table.grid img { width:100%; max-width:420px; height:auto; display:block; margin:0 auto; border-radius:4px; }
 table.grid tbody tr:nth-child(even) td, table.grid tbody tr:hover td { background:none; }
+table.sortable thead th { cursor:pointer; user-select:none; }
+table.sortable thead th:hover { color:var(--accent); }
+table.sortable thead th[aria-sort=ascending]::after { content:" \25B2"; font-size:10px; }
+table.sortable thead th[aria-sort=descending]::after { content:" \25BC"; font-size:10px; }
 footer { color:var(--muted); font-size:13px; border-top:1px solid var(--line); padding:14px 0 30px; }
 "#;
 
@@ -142,6 +146,50 @@ window.addEventListener('load', function () {
   var broken = imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
                    .map(function (i) { return i.alt || '(no alt)'; });
   document.body.dataset.images = broken.length ? 'broken:' + broken.join('|') : 'ok:' + imgs.length;
+});
+"#;
+
+/// Sorts `table.sortable` by the clicked header (or Enter/Space on it): numbers numerically
+/// (a numeric column's first click puts the largest first), text in natural order, missing
+/// values ("—") last either way; a second click reverses. Plain script, no network.
+const SORT_JS: &str = r#"
+document.addEventListener('DOMContentLoaded', function () {
+  function key(cell) {
+    var t = cell.textContent.trim();
+    if (t === '' || t === '\u2014') return null;
+    var n = Number(t);
+    return /^[-+]?[0-9.]+(e[-+]?[0-9]+)?$/i.test(t) && isFinite(n) ? n : t;
+  }
+  function compare(a, b) {
+    if (typeof a === 'number' && typeof b === 'number') return a - b;
+    return String(a).localeCompare(String(b), undefined, { numeric: true });
+  }
+  Array.prototype.forEach.call(document.querySelectorAll('table.sortable'), function (table) {
+    var heads = table.tHead.rows[0].cells;
+    Array.prototype.forEach.call(heads, function (th, col) {
+      th.tabIndex = 0;
+      th.title = 'Sort by ' + th.textContent;
+      function sort() {
+        var desc = th.getAttribute('aria-sort') === 'descending' ? false
+                 : th.getAttribute('aria-sort') === 'ascending' ? true
+                 : th.classList.contains('num');
+        Array.prototype.forEach.call(heads, function (h) { h.removeAttribute('aria-sort'); });
+        th.setAttribute('aria-sort', desc ? 'descending' : 'ascending');
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function (r, s) {
+          var a = key(r.cells[col]), b = key(s.cells[col]);
+          if (a === null || b === null) return (a === null) - (b === null);
+          return desc ? compare(b, a) : compare(a, b);
+        });
+        rows.forEach(function (r) { body.appendChild(r); });
+      }
+      th.addEventListener('click', sort);
+      th.addEventListener('keydown', function (e) {
+        if (e.key === 'Enter' || e.key === ' ') { e.preventDefault(); sort(); }
+      });
+    });
+  });
 });
 "#;
 
@@ -165,7 +213,8 @@ pub(crate) fn comparison_page(doc: &ReportDoc, root: &Path) -> anyhow::Result<St
         o,
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
-         <title>{}</title>\n<style>{CSS}</style>\n<script>{IMAGE_CHECK_JS}</script>\n</head>\n<body>\n",
+         <title>{}</title>\n<style>{CSS}</style>\n<script>{IMAGE_CHECK_JS}</script>\n\
+         <script>{SORT_JS}</script>\n</head>\n<body>\n",
         esc(doc.title)
     );
     let _ = writeln!(
@@ -182,12 +231,25 @@ pub(crate) fn comparison_page(doc: &ReportDoc, root: &Path) -> anyhow::Result<St
     o.push_str("</div></nav>\n<main><div class=\"wrap\">\n");
 
     o.push_str("<h2 id=\"summary\">Results</h2>\n");
-    table(&mut o, &tables::results_table(doc.exps), "summary");
+    table(
+        &mut o,
+        &tables::results_table_with_params(doc.exps, &doc.param_columns),
+        "summary sortable",
+    );
+    o.push_str("<p class=\"note\">Click a column heading to sort.</p>\n");
     o.push_str("<div class=\"figs\">\n");
-    for (file, alt) in [
+    let sweep_alt = doc
+        .sweep_key
+        .as_ref()
+        .map(|k| format!("Validation F1 and mIoU against {k}"));
+    let mut figures = vec![
         (BEST_MIOU_PNG, "Best validation mIoU of each experiment"),
         (MIOU_OVERLAY_PNG, "Validation mIoU during training"),
-    ] {
+    ];
+    if let Some(alt) = &sweep_alt {
+        figures.push((SWEEP_PNG, alt.as_str()));
+    }
+    for (file, alt) in figures {
         let _ = writeln!(o, "<figure>{}</figure>", img(root, Path::new(file), alt)?);
     }
     o.push_str("</div>\n<h3>Training cost</h3>\n");

@@ -6,7 +6,8 @@ use std::path::Path;
 use super::format::{FOV_NOTE, MISSING};
 use super::tables::{self, Table};
 use super::{
-    ExperimentSummary, ReportDoc, ACCURACY_PNG, BEST_MIOU_PNG, LOSS_PNG, MIOU_OVERLAY_PNG, MIOU_PNG,
+    ExperimentSummary, ReportDoc, ACCURACY_PNG, BEST_MIOU_PNG, LOSS_PNG, MIOU_OVERLAY_PNG,
+    MIOU_PNG, SWEEP_PNG,
 };
 
 /// Escapes text for a Markdown table cell or paragraph (pipes, emphasis, brackets, HTML).
@@ -127,7 +128,17 @@ pub(crate) fn comparison_readme(doc: &ReportDoc) -> String {
         if n == 1 { "" } else { "s" }
     );
     let _ = writeln!(out, "## Results\n");
-    table(&mut out, &tables::results_table(doc.exps));
+    table(
+        &mut out,
+        &tables::results_table_with_params(doc.exps, &doc.param_columns),
+    );
+    if let Some(key) = &doc.sweep_key {
+        let _ = writeln!(
+            out,
+            "![Validation F1 and mIoU against {}]({SWEEP_PNG})\n",
+            esc(key)
+        );
+    }
     let _ = writeln!(
         out,
         "![Best validation mIoU per experiment]({BEST_MIOU_PNG})\n"

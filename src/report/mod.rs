@@ -26,7 +26,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 pub use format::{fmt_bytes_mib, fmt_count, fmt_duration, fmt_metric};
-pub use plots::{plot_best_miou_bars, plot_experiment_curves, plot_valid_miou_overlay, CurveFiles};
+pub use plots::{
+    plot_best_miou_bars, plot_experiment_curves, plot_sweep, plot_valid_miou_overlay, CurveFiles,
+};
 
 /// What one training-progress unit is: experiments either run whole epochs or a fixed
 /// number of optimiser steps (e.g. random crops at native resolution).
@@ -156,6 +158,11 @@ pub struct ExperimentSummary {
     /// Test-image predictions of the best checkpoint.
     #[serde(default)]
     pub predictions: Vec<PredictionImage>,
+    /// The experiment's canonical params by key (`train.lr`, or a whole section such as
+    /// `augment` as an object): a comparison shows the ones that differ between experiments,
+    /// and plots a one-dimensional sweep against its swept value.
+    #[serde(default)]
+    pub config: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl ExperimentSummary {
@@ -168,6 +175,18 @@ impl ExperimentSummary {
             return Some(first);
         }
         Some(matching.find(|m| m.fov).unwrap_or(first))
+    }
+
+    /// Validation F1 (vessel Dice) of the final evaluation inside the FOV, else the best
+    /// checkpoint's during training.
+    pub fn valid_f1(&self) -> f64 {
+        self.split_metrics("valid")
+            .map_or(self.best_valid_dice, |m| m.dice)
+    }
+
+    /// The params, sections flattened to dotted keys.
+    pub fn flat_config(&self) -> std::collections::BTreeMap<String, serde_json::Value> {
+        crate::config::params::flatten(&self.config)
     }
 
     /// x coordinate of a history row on this experiment's curves.
@@ -186,6 +205,22 @@ pub const MIOU_PNG: &str = "miou.png";
 /// File names of the comparison plots, relative to the comparison folder.
 pub const BEST_MIOU_PNG: &str = "best_valid_miou.png";
 pub const MIOU_OVERLAY_PNG: &str = "valid_miou_curves.png";
+/// The swept value against valid F1 and mIoU, when exactly one param differs.
+pub const SWEEP_PNG: &str = "sweep.png";
+
+/// Most differing params shown as columns of the results table (beyond that, the table would
+/// be mostly params; the experiments' own sections list them).
+pub const MAX_PARAM_COLUMNS: usize = 6;
+
+/// The params (dotted keys) whose values differ between the experiments, labels excepted.
+pub fn differing_params(exps: &[ExperimentSummary]) -> Vec<String> {
+    if exps.len() < 2 {
+        return Vec::new();
+    }
+    let flat: Vec<_> = exps.iter().map(ExperimentSummary::flat_config).collect();
+    let refs: Vec<_> = flat.iter().collect();
+    crate::config::params::differing(&refs)
+}
 
 /// Renders one experiment's report into `out_dir`: `loss.png`, `accuracy.png`,
 /// `miou.png` (train vs valid per epoch) and a short `README.md` (best epoch,
@@ -206,6 +241,8 @@ pub fn render_experiment(summary: &ExperimentSummary, out_dir: &Path) -> anyhow:
 /// - `README.md`: the same content for a code host, images by relative path;
 /// - `summary.csv`: one row per experiment (see [`write_summary_csv`]);
 /// - `best_valid_miou.png` (bar chart) and `valid_miou_curves.png` (overlay);
+/// - `sweep.png` when exactly one param differs (a one-dimensional sweep): the swept value
+///   against valid F1 and mIoU;
 /// - `experiments/<name>/`: each experiment's report (see [`render_experiment`]);
 /// - `predictions/<name>/`: copies of the prediction PNGs shown in the grid.
 ///
@@ -236,12 +273,27 @@ pub fn render_comparison(
     plot_best_miou_bars(exps, &out_dir.join(BEST_MIOU_PNG))?;
     plot_valid_miou_overlay(exps, &out_dir.join(MIOU_OVERLAY_PNG))?;
     write_summary_csv(exps, &out_dir.join("summary.csv"))?;
+    let differing = differing_params(exps);
+    let sweep_key = match differing.as_slice() {
+        [one] => {
+            plot_sweep(exps, one, &out_dir.join(SWEEP_PNG))?;
+            Some(one.clone())
+        }
+        _ => None,
+    };
+    let param_columns = if differing.len() <= MAX_PARAM_COLUMNS {
+        differing
+    } else {
+        Vec::new()
+    };
 
     let doc = ReportDoc {
         title,
         exps,
         files: &layout,
         grid_ids: grid_ids(exps),
+        param_columns,
+        sweep_key,
     };
     let md = markdown::comparison_readme(&doc);
     let md_path = out_dir.join("README.md");
@@ -354,6 +406,10 @@ pub(crate) struct ReportDoc<'a> {
     pub files: &'a [ExpFiles],
     /// Image ids of the prediction grid's rows, in order of first appearance.
     pub grid_ids: Vec<String>,
+    /// Params that differ between the experiments, shown as results-table columns.
+    pub param_columns: Vec<String>,
+    /// The one param that differs (a one-dimensional sweep): `SWEEP_PNG` was drawn.
+    pub sweep_key: Option<String>,
 }
 
 /// Folder-safe, unique names for the experiments (`/` and spaces would break paths).

@@ -535,3 +535,103 @@ fn bar_label(e: &ExperimentSummary) -> String {
         "—".to_string()
     }
 }
+
+/// Draws a one-dimensional sweep into `path`: the value of `key` (one category per distinct
+/// value, in increasing order) against validation F1 (the vessel Dice) and the best validation
+/// mIoU, one point per experiment.
+pub fn plot_sweep(exps: &[ExperimentSummary], key: &str, path: &Path) -> anyhow::Result<()> {
+    use plotters::coord::ranged1d::{IntoSegmentedCoord, SegmentValue};
+    use serde_json::Value;
+
+    let values: Vec<Value> = exps
+        .iter()
+        .map(|e| e.flat_config().get(key).cloned().unwrap_or(Value::Null))
+        .collect();
+    // Order the experiments by their value: numbers numerically, anything else by its text.
+    let mut order: Vec<usize> = (0..exps.len()).collect();
+    order.sort_by(|&a, &b| match (values[a].as_f64(), values[b].as_f64()) {
+        (Some(x), Some(y)) => x.total_cmp(&y),
+        _ => crate::config::params::fmt_value(&values[a])
+            .cmp(&crate::config::params::fmt_value(&values[b])),
+    });
+    let labels: Vec<String> = order
+        .iter()
+        .map(|&i| crate::config::params::fmt_value(&values[i]))
+        .collect();
+    let f1: Vec<(usize, f64)> = order
+        .iter()
+        .enumerate()
+        .map(|(x, &i)| (x, exps[i].valid_f1()))
+        .filter(|(_, y)| y.is_finite())
+        .collect();
+    let miou: Vec<(usize, f64)> = order
+        .iter()
+        .enumerate()
+        .map(|(x, &i)| (x, exps[i].best_valid_miou))
+        .filter(|(_, y)| y.is_finite())
+        .collect();
+    let (lo, hi) = finite_extent(f1.iter().chain(&miou).map(|p| p.1)).unwrap_or((0.0, 1.0));
+    let pad = (0.08 * (hi - lo)).max(0.02);
+    let (y0, y1) = ((lo - pad).max(0.0), (hi + pad).min(1.0));
+    let (y0, y1) = if y1 > y0 { (y0, y1) } else { (0.0, 1.0) };
+    // A discrete range includes its upper end: 0..n-1 is n categories.
+    let n = exps.len().max(1) as i32;
+    let title = format!("Sweep over {key}");
+    render_png(path, SIZE, |area| {
+        let mut ctx = ChartBuilder::on(area)
+            .caption(&title, bold(30.0))
+            .margin(18)
+            .margin_right(30)
+            .x_label_area_size(72)
+            .y_label_area_size(100)
+            .build_cartesian_2d((0..n - 1).into_segmented(), y0..y1)?;
+        let x_fmt = |v: &SegmentValue<i32>| match v {
+            SegmentValue::CenterOf(i) => usize::try_from(*i)
+                .ok()
+                .and_then(|i| labels.get(i))
+                .cloned()
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        ctx.configure_mesh()
+            .x_desc(key)
+            .y_desc("Validation score")
+            .axis_desc_style(font(24.0))
+            .label_style(font(20.0))
+            .x_labels(exps.len().max(1))
+            .y_labels(8)
+            .x_label_formatter(&x_fmt)
+            .y_label_formatter(&|y| format!("{y:.3}"))
+            .disable_x_mesh()
+            .bold_line_style(GRID_COLOR.stroke_width(1))
+            .light_line_style(WHITE)
+            .axis_style(RGBColor(120, 120, 120))
+            .draw()?;
+        let at = |x: usize| SegmentValue::CenterOf(x as i32);
+        for (label, color, pts) in [
+            ("valid F1 (final evaluation, FOV)", TRAIN_COLOR, &f1),
+            ("best valid mIoU", VALID_COLOR, &miou),
+        ] {
+            ctx.draw_series(LineSeries::new(
+                pts.iter().map(|&(x, y)| (at(x), y)),
+                color.stroke_width(2),
+            ))?
+            .label(label)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+            });
+            ctx.draw_series(
+                pts.iter()
+                    .map(|&(x, y)| Circle::new((at(x), y), 5, color.filled())),
+            )?;
+        }
+        ctx.configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .margin(12)
+            .label_font(font(20.0))
+            .background_style(WHITE.mix(0.9))
+            .border_style(RGBColor(180, 180, 180))
+            .draw()?;
+        Ok(())
+    })
+}

@@ -95,6 +95,28 @@ pub(crate) fn results_table(exps: &[ExperimentSummary]) -> Table {
     }
 }
 
+/// [`results_table`] with a column per param in `keys` (short names as headings) after the
+/// experiment's name.
+pub(crate) fn results_table_with_params(exps: &[ExperimentSummary], keys: &[String]) -> Table {
+    let mut t = results_table(exps);
+    if keys.is_empty() {
+        return t;
+    }
+    let shorts = crate::config::params::short_keys(keys);
+    let flat: Vec<_> = exps.iter().map(ExperimentSummary::flat_config).collect();
+    for (i, (key, short)) in keys.iter().zip(shorts).enumerate() {
+        let values: Vec<Option<&serde_json::Value>> = flat.iter().map(|f| f.get(key)).collect();
+        let numeric = values.iter().all(|v| v.is_none_or(|v| v.is_number()));
+        t.headers.insert(1 + i, short);
+        t.numeric.insert(1 + i, numeric);
+        for (row, v) in t.rows.iter_mut().zip(values) {
+            let text = v.map_or(MISSING.to_string(), crate::config::params::fmt_value);
+            row.insert(1 + i, Cell::plain(text));
+        }
+    }
+    t
+}
+
 /// One row per experiment: what training cost (time, memory, model size, device).
 pub(crate) fn cost_table(exps: &[ExperimentSummary]) -> Table {
     let headers = [

@@ -22,7 +22,8 @@ pub const SUMMARY: &str = "summary.json";
 
 impl Stage for Report {
     fn version(&self) -> u32 {
-        1
+        // 2: summary.json records the experiment's params (`config`).
+        2
     }
     fn params(&self) -> &'static [&'static str] {
         &[
@@ -44,7 +45,9 @@ impl Stage for Report {
     fn run(&self, ctx: &StageCtx) -> Result<()> {
         let train_dir = ctx.input("train")?;
         let eval_dir = ctx.input("evaluate")?;
-        let summary = summarize(ctx.exp, train_dir, eval_dir)?;
+        let mut summary = summarize(ctx.exp, train_dir, eval_dir)?;
+        // What a comparison tells experiments apart by: the params the pipeline lists here.
+        summary.config = ctx.params.clone();
         fs::write(
             ctx.out.join(SUMMARY),
             serde_json::to_string_pretty(&summary)?,
@@ -154,5 +157,6 @@ pub fn summarize(exp: &Experiment, train_dir: &Path, eval_dir: &Path) -> Result<
         param_count: ts.param_count as u64,
         device: ts.device,
         predictions,
+        config: Default::default(),
     })
 }

@@ -102,3 +102,69 @@ pub fn check_page(bin: &Path, index: &Path, expected: usize, shot: &Path) {
         "screenshot looks blank: only {differing} pixels differ from the corner"
     );
 }
+
+/// Clicks, in order, the headers of the page's first `table.sortable` whose text is in
+/// `headers` (a real `click` event on each `<th>`, as a user's), and returns the first-column
+/// text of the rows before any click and after each one. The page is `index` with a probe
+/// script appended (written beside it as `<stem>.probe.html`, so relative links still work).
+pub fn click_headers(bin: &Path, index: &Path, headers: &[&str]) -> Vec<Vec<String>> {
+    let html = std::fs::read_to_string(index).unwrap();
+    let list: Vec<String> = headers.iter().map(|h| format!("{h:?}")).collect();
+    let script = format!(
+        r#"<script>
+window.addEventListener('load', function () {{
+  var table = document.querySelector('table.sortable');
+  if (!table) {{ document.body.dataset.probe = 'no sortable table'; return; }}
+  function order() {{
+    return Array.prototype.map.call(table.tBodies[0].rows, function (r) {{
+      return r.cells[0].textContent.trim();
+    }}).join('|');
+  }}
+  var out = [order()];
+  [{}].forEach(function (h) {{
+    var th = Array.prototype.find.call(table.tHead.rows[0].cells, function (c) {{
+      return c.textContent.trim() === h;
+    }});
+    if (!th) {{ out.push('no header ' + h); return; }}
+    th.click();
+    out.push(order());
+  }});
+  document.body.dataset.probe = out.join(';');
+}});
+</script>
+</body>"#,
+        list.join(", ")
+    );
+    assert!(
+        html.contains("</body>"),
+        "{} has no </body>",
+        index.display()
+    );
+    let probe = index.with_extension("probe.html");
+    std::fs::write(&probe, html.replacen("</body>", &script, 1)).unwrap();
+    let url = format!("file://{}", probe.canonicalize().unwrap().display());
+    let dom = run_chromium(bin, &["--dump-dom".into()], &url);
+    assert!(
+        dom.status.success(),
+        "chromium --dump-dom failed ({}): {}",
+        dom.status,
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    let text = String::from_utf8_lossy(&dom.stdout);
+    let marker = text
+        .split("data-probe=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no data-probe marker: the probe script did not run"))
+        .replace("&amp;", "&");
+    let orders: Vec<Vec<String>> = marker
+        .split(';')
+        .map(|o| o.split('|').map(str::to_string).collect())
+        .collect();
+    assert_eq!(
+        orders.len(),
+        headers.len() + 1,
+        "probe result {marker:?} (a header was not found?)"
+    );
+    orders
+}

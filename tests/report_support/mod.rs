@@ -144,6 +144,7 @@ pub fn synthetic_summaries(dir: &Path) -> Vec<ExperimentSummary> {
                 .enumerate()
                 .map(|(k, id)| write_prediction(dir, "a", id, k as u32))
                 .collect(),
+            config: Default::default(),
         },
         ExperimentSummary {
             name: "deeplabv3_resnet101_768".into(),
@@ -167,6 +168,7 @@ pub fn synthetic_summaries(dir: &Path) -> Vec<ExperimentSummary> {
                 .enumerate()
                 .map(|(k, id)| write_prediction(dir, "b", id, 3 + k as u32))
                 .collect(),
+            config: Default::default(),
         },
         ExperimentSummary {
             name: "unet_crops96".into(),
@@ -191,6 +193,55 @@ pub fn synthetic_summaries(dir: &Path) -> Vec<ExperimentSummary> {
                 .enumerate()
                 .map(|(k, id)| write_prediction(dir, "c", id, 7 + k as u32))
                 .collect(),
+            config: Default::default(),
         },
     ]
+}
+
+/// A one-dimensional sweep over `train.lr`: four points (values not in increasing order, and
+/// the best validation mIoU in neither value order), each with its params in `config`.
+#[allow(dead_code)]
+pub fn sweep_summaries(dir: &Path) -> Vec<ExperimentSummary> {
+    let base = synthetic_summaries(dir).remove(0);
+    let points = [
+        ("3e-4", 3e-4, 0.70),
+        ("1e-4", 1e-4, 0.62),
+        ("1e-3", 1e-3, 0.78),
+        ("3e-3", 3e-3, 0.66),
+    ];
+    points
+        .iter()
+        .enumerate()
+        .map(|(k, (text, lr, miou))| {
+            let name = format!("sweep.lr_{text}");
+            let mut e = base.clone();
+            e.name = name.clone();
+            e.description = String::new();
+            e.best_valid_miou = *miou;
+            e.best_valid_dice = miou - 0.2;
+            e.history = history(6 + k, TrainUnit::Epoch, 5, *miou, false);
+            e.eval = vec![
+                metrics("valid", *miou, Some(0.95 + k as f64 / 100.0), true),
+                metrics("test", miou - 0.01, Some(0.94), true),
+            ];
+            e.predictions = ["01", "02"]
+                .iter()
+                .enumerate()
+                .map(|(j, id)| write_prediction(dir, &name, id, (10 + 2 * k + j) as u32))
+                .collect();
+            e.config = [
+                ("name".to_string(), serde_json::json!(name)),
+                (
+                    "train".to_string(),
+                    serde_json::json!({"lr": lr, "seed": 1, "epochs": 8}),
+                ),
+                (
+                    "model".to_string(),
+                    serde_json::json!({"backbone": "resnet50"}),
+                ),
+            ]
+            .into();
+            e
+        })
+        .collect()
 }
