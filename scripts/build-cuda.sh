@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build driveline with CUDA on a machine without a GPU or a system CUDA toolkit, from NVIDIA's
-# PyPI wheels (see ../shared/notes/cuda-build.md for why each step is needed):
+# PyPI wheels (see docs/cuda.md for why each step is needed):
 #   - nvcc 13.0 (the GPU machines' driver is CUDA 13.0; newer PTX would be rejected);
 #   - compute capability set explicitly (9.0, Hopper), since no GPU is there to detect;
 #   - a stub libcuda.so.1 to link against (the real one comes with the driver at run time).
