@@ -253,6 +253,11 @@ pub struct TrainConfig {
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     pub device: String,
     pub precision: Precision,
+    /// Activation recomputation per ResNet stage (layer1..layer4): each stage keeps only its
+    /// input and output between the forward and the backward pass, whose start runs the stage
+    /// again. Less memory for one more backbone forward per step; the same gradients. On every
+    /// device; the U-Net ignores it.
+    pub recompute: bool,
     /// Random crops of this side at native resolution (0: whole resized images).
     pub crop: u32,
     /// Save valid-set predictions as PNG every N epochs (0: never).
@@ -282,6 +287,7 @@ impl Default for TrainConfig {
             seed: 42,
             device: "cpu".into(),
             precision: Precision::F32,
+            recompute: false,
             crop: 0,
             save_preds_every: 10,
             threads: 0,

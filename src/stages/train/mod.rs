@@ -155,6 +155,7 @@ fn train(
     let device = device::select(&t.device)?;
     reset_peak_rss();
     let model = SegModel::new(&exp.model, &device, t.seed)?;
+    model.set_recompute(t.recompute);
     if !exp.model.pretrained.is_empty() {
         let notes = checkpoint::load_pretrained(&model, Path::new(&exp.model.pretrained))
             .with_context(|| format!("model.pretrained = {}", exp.model.pretrained))?;
