@@ -101,20 +101,23 @@ fn assert_paths_agree(
     }
 }
 
-/// (n, c, h, w, o, kh, kw, stride, padding, dilation): the finite-difference geometries of
+/// One convolution: (n, c, h, w, o, kh, kw, stride, padding, dilation).
+type Case = (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+);
+
+/// The finite-difference geometries of
 /// `ops_grad.rs` (the models' shapes) plus rectangular kernels and odd strides.
-const CONV_CASES: [(
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-); 13] = [
+const CONV_CASES: [Case; 13] = [
     (2, 3, 7, 6, 4, 3, 3, 1, 1, 1),
     (2, 3, 7, 8, 4, 3, 3, 2, 1, 1),
     (1, 4, 7, 7, 3, 1, 1, 2, 0, 1),
@@ -130,22 +133,8 @@ const CONV_CASES: [(
     (1, 3, 9, 9, 2, 5, 5, 2, 2, 1),
 ];
 
-fn conv_inputs(
-    rng: &mut StdRng,
-    (n, c, h, w, o, kh, kw, _, _, _): (
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-    ),
-    dtype: DType,
-) -> Vec<Tensor> {
+fn conv_inputs(rng: &mut StdRng, case: Case, dtype: DType) -> Vec<Tensor> {
+    let (n, c, h, w, o, kh, kw, ..) = case;
     vec![
         rand_tensor(rng, &[n, c, h, w], dtype),
         rand_tensor(rng, &[o, c, kh, kw], dtype),
