@@ -338,7 +338,7 @@ impl Default for BenchOpts {
 }
 
 /// `driveline bench agree`: the same seed and batch trained for a few steps on the CPU custom
-/// ops and on a device, compared.
+/// ops and on a device, compared, and both compared with the same steps in float64.
 #[derive(Debug, Clone, Serialize)]
 pub struct AgreeResult {
     pub bench: String,
@@ -349,44 +349,59 @@ pub struct AgreeResult {
     pub steps: usize,
     pub loss_cpu: Vec<f64>,
     pub loss_device: Vec<f64>,
-    /// Largest |loss_device − loss_cpu| / |loss_cpu| over the steps.
+    /// The same steps in float64 on the CPU (the exact result, up to float64 rounding).
+    pub loss_f64: Vec<f64>,
+    /// Largest |loss_device − loss_cpu| / |loss_cpu| over the steps: the criterion.
     pub max_loss_rel_diff: f64,
     pub loss_tolerance: f64,
-    /// Fraction of pixels whose predicted class (eval mode, after the steps) is the same.
+    /// Largest |loss_cpu − loss_f64| / |loss_f64|: float32's own error on the CPU custom ops.
+    pub cpu_f32_error: f64,
+    /// Largest |loss_device − loss_f64| / |loss_f64|.
+    pub device_f32_error: f64,
+    /// Fraction of pixels whose predicted class (eval mode, after the steps) is the same on the
+    /// CPU and on the device.
     pub pixel_agreement: f64,
     pub min_pixel_agreement: f64,
     pub tf32: bool,
     pub recompute: bool,
+    /// The criterion: losses within `loss_tolerance` and pixels ≥ `min_pixel_agreement`.
     pub pass: bool,
+    /// The device is no farther from float64 than the tolerance or twice the CPU's own float32
+    /// error, and the pixels agree: what the exit status reports (see [`agree`]).
+    pub pass_vs_f64: bool,
     pub seconds_cpu: f64,
     pub seconds_device: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gpu_peak_mib: Option<f64>,
 }
 
-/// Trains `steps` Adam steps from seed 0 on `x`/`ys` and returns the losses and the eval-mode
-/// predicted class per pixel afterwards.
+/// Trains `steps` steps from seed 0 on `x`/`ys` in `dtype` (the loss in f32, as the train
+/// stage computes it) and returns the losses and the eval-mode predicted class per pixel.
+#[allow(clippy::too_many_arguments)]
 fn agree_side(
     exp: &Experiment,
     dev: &Device,
+    dtype: candle_core::DType,
     generic: bool,
     recompute: bool,
     (x, ys): (&Tensor, &[u8]),
     steps: usize,
 ) -> Result<(Vec<f64>, Vec<u32>, f64)> {
+    use candle_core::DType;
     let previous = ops::set_force_generic(generic);
     let t0 = Instant::now();
     let run = || -> Result<(Vec<f64>, Vec<u32>)> {
-        let model = SegModel::new(&exp.model, dev, 0)?;
+        let model = SegModel::with_dtype(&exp.model, dev, 0, dtype)?;
         model.set_recompute(recompute);
-        let x = x.to_device(dev)?;
-        let mut opt = Optimizer::new(exp.train.optimizer, model.trainable_vars(), 1e-4, 0.0, 0.9);
+        let x = x.to_dtype(dtype)?.to_device(dev)?;
+        let t = &exp.train;
+        let mut opt = Optimizer::new(t.optimizer, model.trainable_vars(), t.lr, 0.0, t.momentum);
         let mut losses = Vec::with_capacity(steps);
         for s in 0..steps {
             model.reseed_dropout(s as u64);
-            let logits = model.forward(&x, true)?;
+            let logits = model.forward(&x, true)?.to_dtype(DType::F32)?;
             let loss = loss_fn(exp, &logits, ys)?;
-            losses.push(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?);
+            losses.push(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?);
             opt.backward_step(&loss)?;
         }
         let pred = model
@@ -403,9 +418,31 @@ fn agree_side(
     Ok((losses, pred, t0.elapsed().as_secs_f64()))
 }
 
-/// The same seed and batch for `steps` training steps on the CPU (custom ops) and on
-/// `opts.device` (on the CPU: the device-generic path): per-step loss difference (within 1e-3
-/// relative, 1e-2 with TF32 matmuls) and eval-mode prediction agreement afterwards (≥ 99.9 %).
+/// Largest |a − b| / |b| over the steps.
+fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(a, b)| (a - b).abs() / b.abs().max(1e-12))
+        .fold(0.0, f64::max)
+}
+
+/// The same seed and batch for `steps` training steps on the CPU (custom ops, f32), on
+/// `opts.device` (on the CPU: the device-generic path) and on the CPU in f64: per-step loss
+/// differences and eval-mode prediction agreement afterwards.
+///
+/// The criterion (loss within 1e-3 relative, 1e-2 with TF32 matmuls; ≥ 99.9 % of pixels)
+/// is reported as `pass`. It does not hold between two correct float32 implementations on this
+/// network: a DeepLabV3 training step at initialisation amplifies float32 rounding through its
+/// training-mode BatchNorms (the gradients of either CPU path differ from float64 by a few %
+/// in norm at 64 px, 0.3 ppm in eval mode), and the CPU custom ops and the generic path, both
+/// on the CPU, end 3 steps 0.4–1.5 % apart at 64–128 px. So the exit status is `pass_vs_f64`:
+/// the device must be as close to the float64 steps as the tolerance or twice the CPU's own
+/// float32 error, whichever is larger, with the pixels agreeing.
+///
+/// The steps are SGD (lr 1e-3, momentum 0.9) unless `adam`: the loss after an SGD step moves
+/// with the gradient linearly, so a wrong gradient shows; Adam's first steps move every weight
+/// by ±lr whatever its gradient's size, sign noise included.
+#[allow(clippy::too_many_arguments)]
 pub fn agree(
     opts: &BenchOpts,
     arch: Arch,
@@ -414,24 +451,51 @@ pub fn agree(
     batch: usize,
     steps: usize,
     tf32: bool,
+    adam: bool,
 ) -> Result<AgreeResult> {
+    use candle_core::DType;
     let mut exp = Experiment::template();
     exp.model = model_cfg(arch, backbone);
+    if adam {
+        exp.train.optimizer = crate::config::schema::Optimizer::Adam;
+        exp.train.lr = 1e-4;
+    } else {
+        exp.train.optimizer = crate::config::schema::Optimizer::Sgd;
+        exp.train.lr = 1e-3;
+        exp.train.momentum = 0.9;
+    }
     let mut rng = StdRng::seed_from_u64(0);
-    let xs: Vec<f32> = (0..batch * 3 * imgsz * imgsz)
-        .map(|_| rng.random_range(-2.0..2.0))
+    // Images with their own brightness per channel, as real ones have.
+    let offsets: Vec<f32> = (0..batch * 3)
+        .map(|_| rng.random_range(-1.0..1.0))
+        .collect();
+    let plane = imgsz * imgsz;
+    let xs: Vec<f32> = (0..batch * 3 * plane)
+        .map(|i| offsets[i / plane] + rng.random_range(-1.0..1.0))
         .collect();
     let ys: Vec<u8> = (0..batch * imgsz * imgsz)
         .map(|_| u8::from(rng.random_bool(0.1)))
         .collect();
     let x = Tensor::from_vec(xs, (batch, 3, imgsz, imgsz), &Device::Cpu)?;
+    let data = (&x, &ys[..]);
+    let cpu = Device::Cpu;
     let (loss_cpu, pred_cpu, seconds_cpu) =
-        agree_side(&exp, &Device::Cpu, false, false, (&x, &ys), steps)
+        agree_side(&exp, &cpu, DType::F32, false, false, data, steps)
             .context("bench agree: the CPU reference")?;
+    let (loss_f64, _, _) = agree_side(&exp, &cpu, DType::F64, false, false, data, steps)
+        .context("bench agree: the float64 reference")?;
     let dev = &opts.device;
     candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
     model_device::reset_gpu_peak(dev);
-    let side = agree_side(&exp, dev, dev.is_cpu(), opts.recompute, (&x, &ys), steps);
+    let side = agree_side(
+        &exp,
+        dev,
+        DType::F32,
+        dev.is_cpu(),
+        opts.recompute,
+        data,
+        steps,
+    );
     candle_core::cuda::set_gemm_reduced_precision_f32(false);
     let (loss_device, pred_device, seconds_device) = side.with_context(|| {
         format!(
@@ -439,11 +503,6 @@ pub fn agree(
             model_device::name(dev)
         )
     })?;
-    let max_loss_rel_diff = loss_cpu
-        .iter()
-        .zip(&loss_device)
-        .map(|(a, b)| (b - a).abs() / a.abs().max(1e-12))
-        .fold(0.0, f64::max);
     let same = pred_cpu
         .iter()
         .zip(&pred_device)
@@ -453,22 +512,31 @@ pub fn agree(
     let loss_tolerance = if tf32 { 1e-2 } else { 1e-3 };
     let min_pixel_agreement = 0.999;
     let finite = loss_device.iter().all(|l| l.is_finite());
+    let max_loss_rel_diff = max_rel(&loss_device, &loss_cpu);
+    let cpu_f32_error = max_rel(&loss_cpu, &loss_f64);
+    let device_f32_error = max_rel(&loss_device, &loss_f64);
+    let pixels_ok = pixel_agreement >= min_pixel_agreement;
     Ok(AgreeResult {
         bench: "agree".into(),
         what: format!(
-            "{arch:?}-{} {imgsz}px batch {batch}, {steps} Adam steps",
-            backbone.as_str()
+            "{arch:?}-{} {imgsz}px batch {batch}, {steps} {} steps",
+            backbone.as_str(),
+            if adam { "Adam" } else { "SGD" }
         )
         .to_lowercase(),
         device: model_device::name(dev) + if dev.is_cpu() { " (generic path)" } else { "" },
         steps,
-        pass: finite
-            && max_loss_rel_diff <= loss_tolerance
-            && pixel_agreement >= min_pixel_agreement,
+        pass: finite && max_loss_rel_diff <= loss_tolerance && pixels_ok,
+        pass_vs_f64: finite
+            && device_f32_error <= loss_tolerance.max(2.0 * cpu_f32_error)
+            && pixels_ok,
         loss_cpu,
         loss_device,
+        loss_f64,
         max_loss_rel_diff,
         loss_tolerance,
+        cpu_f32_error,
+        device_f32_error,
         pixel_agreement,
         min_pixel_agreement,
         tf32,
@@ -481,15 +549,19 @@ pub fn agree(
 
 impl AgreeResult {
     pub fn human(&self) -> String {
+        let verdict = |b: bool| if b { "PASS" } else { "FAIL" };
         format!(
-            "agree      {:<45} {} vs cpu: loss max rel diff {:.2e} (≤ {:.0e}), pixels {:.4}% (≥ {:.1}%): {}",
+            "agree      {:<45} {} vs cpu: loss max rel diff {:.2e} (≤ {:.0e}: {}), pixels {:.4}% (≥ {:.1}%); vs float64: cpu {:.2e}, device {:.2e}: {}",
             self.what,
             self.device,
             self.max_loss_rel_diff,
             self.loss_tolerance,
+            verdict(self.pass),
             100.0 * self.pixel_agreement,
             100.0 * self.min_pixel_agreement,
-            if self.pass { "PASS" } else { "FAIL" }
+            self.cpu_f32_error,
+            self.device_f32_error,
+            verdict(self.pass_vs_f64)
         )
     }
 }
