@@ -450,3 +450,39 @@ fn generic_resize_convt_finite_differences() {
         100,
     );
 }
+
+/// The tiny training step `train.device = "auto"` runs on a GPU before choosing it passes on
+/// the generic path (compared inside with the CPU custom ops).
+#[test]
+fn generic_path_passes_the_auto_smoke_step() {
+    let _g = Generic::on();
+    driveline::model::device::smoke_test(&Device::Cpu).unwrap();
+}
+
+/// `auto` says which device it chose and why (here: a CPU-only build).
+#[test]
+fn auto_says_which_device_and_why() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_driveline"))
+        .args([
+            "bench", "infer", "--arch", "unet", "--imgsz", "32", "--steps", "1",
+        ])
+        .args(["--device", "auto", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let expected = if cfg!(feature = "cuda") {
+        "train.device = \"auto\": "
+    } else {
+        "train.device = \"auto\": cpu"
+    };
+    assert!(err.contains(expected), "stderr: {err}");
+    assert!(
+        err.contains('(') && err.contains(')'),
+        "no reason given: {err}"
+    );
+}
