@@ -43,14 +43,14 @@ for lib in cublas cublasLt cudart nvrtc; do
     [ -e "$CU/lib/lib$lib.so" ] || ln -s "lib$lib.so.13" "$CU/lib/lib$lib.so"
 done
 [ -e "$CU/lib/libcurand.so" ] || ln -s libcurand.so.10 "$CU/lib/libcurand.so"
-LINK=(-L "$CU/lib")
 if [ "$CUDNN" = 1 ]; then
-    # nvidia-cudnn-cu13 installs nvidia/cudnn/{include,lib} (libcudnn.so.9 and its sub-libraries).
-    CUDNN_DIR=$(ls -d "$NV"/cudnn "$CU" 2>/dev/null | while read -r d; do
-        [ -e "$d/lib/libcudnn.so.9" ] && echo "$d" && break; done)
-    [ -n "$CUDNN_DIR" ] || { echo "libcudnn.so.9 not found under $NV" >&2; exit 1; }
-    [ -e "$CUDNN_DIR/lib/libcudnn.so" ] || ln -s libcudnn.so.9 "$CUDNN_DIR/lib/libcudnn.so"
-    LINK+=(-L "$CUDNN_DIR/lib")
+    # nvidia-cudnn-cu13 installs nvidia/cudnn/lib/libcudnn.so.9. The linker finds it through a
+    # link in cu13/lib, already on the search path: RUSTFLAGS stay those of the plain CUDA build,
+    # so both builds share the target folder (a RUSTFLAGS change rebuilds every crate, Candle's
+    # CUDA kernels included).
+    CUDNN_LIB=$(ls "$NV"/cudnn/lib/libcudnn.so.9 "$CU"/lib/libcudnn.so.9 2>/dev/null | head -n 1 || true)
+    [ -n "$CUDNN_LIB" ] || { echo "libcudnn.so.9 not found under $NV" >&2; exit 1; }
+    [ -e "$CU/lib/libcudnn.so" ] || ln -s "$CUDNN_LIB" "$CU/lib/libcudnn.so"
 fi
 
 # A stub driver library exporting every cu* symbol cudarc declares.
@@ -67,7 +67,7 @@ if [ ! -e "$STUBS/libcuda.so" ]; then
 fi
 
 export PATH="$CU/bin:$PATH" CUDA_ROOT="$CU" CUDA_PATH="$CU" CUDA_HOME="$CU" CUDA_COMPUTE_CAP="$CAP"
-export RUSTFLAGS="${RUSTFLAGS:-} -L $STUBS ${LINK[*]}"
+export RUSTFLAGS="${RUSTFLAGS:-} -L $STUBS -L $CU/lib"
 export CARGO_TARGET_DIR="$TARGET"
 FEATURES=cuda
 NAME=driveline

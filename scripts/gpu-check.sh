@@ -39,6 +39,7 @@ if [ -z "$BIN" ]; then
     done
 fi
 [ -n "$BIN" ] && [ -x "$BIN" ] || { echo "gpu-check: no driveline binary (--bin)" >&2; exit 2; }
+case "$BIN" in /*) ;; *) BIN="$PWD/$BIN" ;; esac
 mkdir -p "$DEST"
 LOG="$DEST/gpu-check.log"
 RES=$(mktemp); trap 'rm -f "$RES"' EXIT

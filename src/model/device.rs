@@ -30,8 +30,12 @@ pub fn select(spec: &str) -> Result<Device> {
              (build it with `just build-cuda`, or use device = \"cpu\" / \"auto\")"
         );
     }
-    Device::new_cuda(ordinal)
-        .map_err(|e| anyhow::anyhow!("device {spec:?}: no usable NVIDIA GPU/driver: {e}"))
+    Device::new_cuda(ordinal).map_err(|e| {
+        anyhow::anyhow!(
+            "device {spec:?}: no usable NVIDIA GPU/driver: {}",
+            first_line(&e)
+        )
+    })
 }
 
 /// A short human name for a device.
@@ -46,6 +50,11 @@ pub fn name(d: &Device) -> String {
     }
 }
 
+/// The first line of an error (Candle's CUDA errors carry a backtrace).
+fn first_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
 /// What `auto` picks, and why: never a device that cannot train.
 fn auto() -> (Device, String) {
     if !cfg!(feature = "cuda") {
@@ -53,7 +62,12 @@ fn auto() -> (Device, String) {
     }
     let gpu = match Device::new_cuda(0) {
         Ok(d) => d,
-        Err(e) => return (Device::Cpu, format!("no usable NVIDIA GPU/driver: {e}")),
+        Err(e) => {
+            return (
+                Device::Cpu,
+                format!("no usable NVIDIA GPU/driver: {}", first_line(&e)),
+            )
+        }
     };
     match smoke_test(&gpu) {
         Ok(()) => (
