@@ -34,9 +34,14 @@ test:
     cargo clippy --all-targets -- -D warnings
     cargo test --all-targets
 
-# Build with CUDA (no GPU or system toolkit needed: NVIDIA's PyPI wheels and a stub driver).
+# Build with CUDA (no GPU or system toolkit needed: NVIDIA's PyPI wheels and a stub driver)
+# into target/cuda/driveline (`--cudnn`: target/cuda/driveline-cudnn). See docs/cuda.md.
 build-cuda *ARGS:
     scripts/build-cuda.sh {{ARGS}}
+
+# The one-call GPU check (agreement, step times and memory beside PyTorch): docs/cuda.md.
+gpu-check *ARGS:
+    scripts/gpu-check.sh {{ARGS}}
 
 # Benchmarks: training step, inference, data loading; PyTorch side by side when installed.
 bench *ARGS: build

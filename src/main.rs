@@ -299,6 +299,12 @@ enum BenchCmd {
         /// Training loss: `ce` (the DeepLabV3 reference) or `ce+dice` (the U-Net reference).
         #[arg(long, default_value = "ce", value_parser = parse_loss)]
         loss: config::schema::Loss,
+        /// `cpu`, `cuda`, `cuda:N` or `auto` (GPU peak memory is reported beside the RSS).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Activation recomputation per ResNet stage (`train.recompute`).
+        #[arg(long)]
+        recompute: bool,
     },
     /// Whole-image inference of one image (565×584 random, or --image) at --imgsz.
     Infer {
@@ -312,6 +318,9 @@ enum BenchCmd {
         image: Option<PathBuf>,
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// `cpu`, `cuda`, `cuda:N` or `auto`.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// One epoch of batch building (augmentation, normalisation) for an experiment's data.
     Data {
@@ -320,6 +329,36 @@ enum BenchCmd {
         sets: Vec<String>,
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// `cpu`, `cuda`, `cuda:N` or `auto`: batches are built on the host for every device
+        /// and then copied to it.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// The same seed and batch trained for a few steps on the CPU custom ops and on --device
+    /// (on `cpu`: the device-generic path a GPU runs): loss difference and prediction
+    /// agreement. Fails (exit status 1) outside the tolerances.
+    Agree {
+        #[arg(long, default_value = "deeplabv3", value_parser = parse_arch)]
+        arch: config::Arch,
+        #[arg(long, default_value = "resnet50", value_parser = parse_backbone)]
+        backbone: config::Backbone,
+        #[arg(long, default_value_t = 128)]
+        imgsz: usize,
+        #[arg(long, default_value_t = 2)]
+        batch: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// TF32 matrix products on CUDA (loss tolerance 1e-2 instead of 1e-3).
+        #[arg(long)]
+        tf32: bool,
+        /// Activation recomputation per ResNet stage on the device side.
+        #[arg(long)]
+        recompute: bool,
+        /// Adam (lr 1e-4) instead of SGD (lr 0.01, momentum 0.9): see `bench::agree`.
+        #[arg(long)]
+        adam: bool,
     },
 }
 
@@ -588,26 +627,99 @@ fn cmd_bench(g: &Global, what: BenchCmd, json: bool) -> Result<()> {
             steps,
             warmup,
             loss,
-        } => {
-            driveline::bench::train_step(arch, backbone, imgsz, batch, steps.max(1), warmup, loss)?
-        }
+            device,
+            recompute,
+        } => driveline::bench::train_step_with(
+            &bench_opts(&device, recompute)?,
+            arch,
+            backbone,
+            imgsz,
+            batch,
+            steps.max(1),
+            warmup,
+            loss,
+        )?,
         BenchCmd::Infer {
             arch,
             backbone,
             imgsz,
             image,
             steps,
-        } => driveline::bench::infer(arch, backbone, imgsz, image.as_deref(), steps.max(1))?,
+            device,
+        } => driveline::bench::infer_with(
+            &bench_opts(&device, false)?,
+            arch,
+            backbone,
+            imgsz,
+            image.as_deref(),
+            steps.max(1),
+        )?,
         BenchCmd::Data {
             experiment,
             sets,
             reps,
-        } => bench_data(g, experiment, &sets, reps)?,
+            device,
+        } => bench_data(g, experiment, &sets, reps, &bench_opts(&device, false)?)?,
+        BenchCmd::Agree {
+            arch,
+            backbone,
+            imgsz,
+            batch,
+            steps,
+            device,
+            tf32,
+            recompute,
+            adam,
+        } => {
+            return bench_agree(
+                &bench_opts(&device, recompute)?,
+                (arch, backbone),
+                (imgsz, batch, steps.max(1)),
+                (tf32, adam),
+                json,
+            )
+        }
     };
     if json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!("{}", r.human());
+    }
+    Ok(())
+}
+
+/// The device and options of a model benchmark.
+fn bench_opts(device: &str, recompute: bool) -> Result<driveline::bench::BenchOpts> {
+    Ok(driveline::bench::BenchOpts {
+        device: driveline::model::device::select(device)?,
+        recompute,
+    })
+}
+
+/// `driveline bench agree`: prints the comparison; an error when it fails.
+fn bench_agree(
+    opts: &driveline::bench::BenchOpts,
+    (arch, backbone): (config::Arch, config::Backbone),
+    (imgsz, batch, steps): (usize, usize, usize),
+    (tf32, adam): (bool, bool),
+    json: bool,
+) -> Result<()> {
+    let r = driveline::bench::agree(opts, arch, backbone, imgsz, batch, steps, tf32, adam)?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("{}", r.human());
+    }
+    if !r.pass_vs_f64 {
+        bail!(
+            "{} does not agree with the CPU: its losses are {:.2e} from float64 (the CPU's float32 {:.2e}, tolerance {:.0e}), {:.4} % of pixels agree (at least {:.1} % needed)",
+            r.device,
+            r.device_f32_error,
+            r.cpu_f32_error,
+            r.loss_tolerance,
+            100.0 * r.pixel_agreement,
+            100.0 * r.min_pixel_agreement
+        );
     }
     Ok(())
 }
@@ -618,6 +730,7 @@ fn bench_data(
     experiment: PathBuf,
     sets: &[String],
     reps: usize,
+    bench: &driveline::bench::BenchOpts,
 ) -> Result<driveline::bench::BenchResult> {
     let files = vec![experiment];
     let exps = load_all(&files, sets)?;
@@ -635,7 +748,7 @@ fn bench_data(
         .find(|s| s.role == "preprocess")
         .context("the pipeline has no preprocess stage")?;
     let ds = driveline::stages::preprocess::load(&env.cache.object_dir(&pre.key))?;
-    driveline::bench::data_epoch(&l.exp, &ds, reps.max(1))
+    driveline::bench::data_epoch_with(bench, &l.exp, &ds, reps.max(1))
 }
 
 /// `driveline infer`: segment new images with a trained checkpoint.

@@ -284,6 +284,11 @@ pub struct TrainConfig {
     pub device: String,
     /// `f32` (the only one any device runs yet), `tf32` or `bf16`.
     pub precision: Precision,
+    /// Activation recomputation per ResNet stage (layer1..layer4): each stage keeps only its
+    /// input and output between the forward and the backward pass, whose start runs the stage
+    /// again. Less memory for one more backbone forward per step; the same gradients. On every
+    /// device; the U-Net ignores it.
+    pub recompute: bool,
     /// Random crops of this side at native resolution (0: whole resized images).
     pub crop: u32,
     /// Save valid-set predictions as PNG every N periods (0: never).
@@ -311,6 +316,7 @@ impl Default for TrainConfig {
             seed: 42,
             device: "cpu".into(),
             precision: Precision::F32,
+            recompute: false,
             crop: 0,
             save_preds_every: 10,
         }

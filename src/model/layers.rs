@@ -447,7 +447,9 @@ impl BatchNorm {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         match pass {
             Pass::Train => {
-                self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+                if !super::recompute::active() {
+                    self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+                }
                 self.inner.forward(x, true)
             }
             Pass::Eval => self.inner.forward(x, false),
@@ -459,7 +461,9 @@ impl BatchNorm {
     pub fn forward_relu(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         match pass {
             Pass::Train => {
-                self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+                if !super::recompute::active() {
+                    self.num_batches_tracked.fetch_add(1, Ordering::Relaxed);
+                }
                 self.inner.forward_relu(x, true)
             }
             Pass::Eval => self.inner.forward_relu(x, false),

@@ -9,6 +9,7 @@ pub mod deeplabv3;
 pub mod device;
 pub mod layers;
 pub mod ops;
+pub mod recompute;
 pub mod resnet;
 pub mod unet;
 
@@ -115,6 +116,17 @@ impl SegModel {
         match &self.net {
             Net::DeepLabV3(m) => m.backbone.output_stride,
             Net::UNet(m) => m.stride(),
+        }
+    }
+
+    /// Activation recomputation per ResNet stage in training (`train.recompute`): less memory,
+    /// one more forward pass of the backbone per step, the same gradients. The U-Net has no
+    /// stages to recompute and ignores it.
+    pub fn set_recompute(&self, on: bool) {
+        if let Net::DeepLabV3(m) = &self.net {
+            m.backbone
+                .recompute
+                .store(on, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -7,7 +7,10 @@
 //! torchvision's BasicBlock refuses dilation; ours (resnet18/34) accepts it, using it on both
 //! 3×3 convolutions with padding = dilation.
 
-use candle_core::{Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use candle_core::{Result, Tensor, Var};
 
 use super::layers::{conv_bn, join, BatchNorm, Builder, Conv2d, Init, Pass};
 use super::ops;
@@ -39,6 +42,14 @@ impl Downsample {
 
     fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         conv_bn(&self.conv, &self.bn, x, pass, false)
+    }
+
+    fn trainable(&self) -> Vec<Var> {
+        vec![
+            self.conv.weight.clone(),
+            self.bn.inner.weight.clone(),
+            self.bn.inner.bias.clone(),
+        ]
     }
 }
 
@@ -219,6 +230,43 @@ impl Block {
             Block::Bottleneck(b) => b.forward(x, pass),
         }
     }
+
+    /// The block's trainable parameters (convolution weights, BatchNorm weights and biases).
+    pub fn trainable(&self) -> Vec<Var> {
+        let cb = |c: &super::layers::Conv2d, b: &BatchNorm| {
+            [
+                c.weight.clone(),
+                b.inner.weight.clone(),
+                b.inner.bias.clone(),
+            ]
+        };
+        let (mut v, ds) = match self {
+            Block::Basic(b) => {
+                let mut v = cb(&b.conv1, &b.bn1).to_vec();
+                v.extend(cb(&b.conv2, &b.bn2));
+                (v, &b.downsample)
+            }
+            Block::Bottleneck(b) => {
+                let mut v = cb(&b.conv1, &b.bn1).to_vec();
+                v.extend(cb(&b.conv2, &b.bn2));
+                v.extend(cb(&b.conv3, &b.bn3));
+                (v, &b.downsample)
+            }
+        };
+        if let Some(d) = ds {
+            v.extend(d.trainable());
+        }
+        v
+    }
+}
+
+/// Runs a stage's blocks in order.
+fn run_blocks(blocks: &[Block], x: &Tensor, pass: Pass) -> Result<Tensor> {
+    let mut x = x.clone();
+    for block in blocks {
+        x = block.forward(&x, pass)?;
+    }
+    Ok(x)
 }
 
 /// Block type and blocks per layer of each backbone.
@@ -241,6 +289,9 @@ pub struct ResNet {
     pub out_channels: usize,
     /// Input pixels per output pixel (32, or 8 with dilation in layer3 and layer4).
     pub output_stride: usize,
+    /// Activation recomputation per stage (layer1..layer4) in training
+    /// (`train.recompute`; see [`super::recompute`]).
+    pub recompute: Arc<AtomicBool>,
 }
 
 impl ResNet {
@@ -303,6 +354,7 @@ impl ResNet {
             layers,
             out_channels: inplanes,
             output_stride,
+            recompute: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -310,10 +362,19 @@ impl ResNet {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let x = conv_bn(&self.conv1, &self.bn1, x, pass, true)?;
         let mut x = ops::max_pool2d(&x, 3, 2, 1)?;
+        let recompute = pass == Pass::Train && self.recompute.load(Ordering::Relaxed);
         for layer in &self.layers {
-            for block in layer {
-                x = block.forward(&x, pass)?;
-            }
+            x = if recompute {
+                let blocks = layer.clone();
+                let params: Vec<Var> = layer.iter().flat_map(Block::trainable).collect();
+                super::recompute::checkpoint(
+                    &x,
+                    &params,
+                    Arc::new(move |x: &Tensor| run_blocks(&blocks, x, Pass::Train)),
+                )?
+            } else {
+                run_blocks(layer, &x, pass)?
+            };
         }
         Ok(x)
     }

@@ -55,7 +55,7 @@ impl BatchNorm2d {
             candle_core::bail!("BatchNorm2d: training needs more than one value per channel");
         }
         if !fused(x) {
-            return unfused_relu(self.forward_train_tensor_ops(x, count)?);
+            return self.forward_train_generic(x, count, relu);
         }
         let x = x.contiguous()?;
         let (mean, var) = match x.dtype() {
@@ -64,11 +64,13 @@ impl BatchNorm2d {
         };
         let invstd = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         let dev = x.device();
-        self.update_running(
-            &Tensor::new(mean.as_slice(), dev)?,
-            &Tensor::new(var.as_slice(), dev)?,
-            count,
-        )?;
+        if !crate::model::recompute::active() {
+            self.update_running(
+                &Tensor::new(mean.as_slice(), dev)?,
+                &Tensor::new(var.as_slice(), dev)?,
+                count,
+            )?;
+        }
         x.apply_op3(
             self.weight.as_tensor(),
             self.bias.as_tensor(),
@@ -76,24 +78,20 @@ impl BatchNorm2d {
         )
     }
 
-    /// Training mode from Candle tensor ops (devices and dtypes the fused path does not handle).
-    fn forward_train_tensor_ops(&self, x: &Tensor, count: usize) -> Result<Tensor> {
-        let shape = (1, (), 1, 1);
-        let mean = x.mean_keepdim((0, 2, 3))?;
-        let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
-        self.update_running(
-            &mean.detach().flatten_all()?,
-            &var.detach().flatten_all()?,
-            count,
+    /// Training mode on the device-generic path (devices and dtypes the fused CPU path does
+    /// not handle, or [`super::set_force_generic`]), ReLU included when `relu`.
+    fn forward_train_generic(&self, x: &Tensor, count: usize, relu: bool) -> Result<Tensor> {
+        let (y, mean, var) = super::generic::batch_norm_train(
+            x,
+            self.weight.as_tensor(),
+            self.bias.as_tensor(),
+            self.eps,
+            relu,
         )?;
-        let scale = self
-            .weight
-            .as_tensor()
-            .reshape(shape)?
-            .broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
-        x.broadcast_sub(&mean)?
-            .broadcast_mul(&scale)?
-            .broadcast_add(&self.bias.as_tensor().reshape(shape)?)
+        if !crate::model::recompute::active() {
+            self.update_running(&mean, &var, count)?;
+        }
+        Ok(y)
     }
 
     /// `running = (1 - m) * running + m * batch`, with the unbiased variance.
@@ -231,7 +229,7 @@ impl candle_core::InplaceOp3 for AffineInPlace {
 
 /// Whether the fused CPU path handles `x`.
 fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    super::generic::cpu_custom(x)
 }
 
 /// The contiguous CPU data of a storage read from `Tensor::storage_and_layout`, as `T`.
@@ -485,7 +483,7 @@ mod tests {
         }
     }
 
-    /// The fused CPU path and the tensor-op fallback agree on outputs, gradients and running
+    /// The fused CPU path and the device-generic path agree on outputs, gradients and running
     /// stats.
     #[test]
     fn fused_matches_tensor_ops() {
@@ -503,7 +501,7 @@ mod tests {
         let x = Var::randn(0.5f64, 2.0, (3, 4, 5, 6), &dev).unwrap();
         let gy = Tensor::randn(0.0f64, 1.0, (3, 4, 5, 6), &dev).unwrap();
         let y1 = fused_bn.forward(&x, true).unwrap();
-        let y2 = plain_bn.forward_train_tensor_ops(&x, 90).unwrap();
+        let y2 = plain_bn.forward_train_generic(&x, 90, false).unwrap();
         assert!(max_abs_diff(&y1, &y2) < 1e-10);
         let g1 = (y1 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (y2 * &gy).unwrap().sum_all().unwrap().backward().unwrap();

@@ -6,7 +6,7 @@
 //! gradient is the output gradient itself (no copy).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// `x` [N, C, H, W] + `b` [C] broadcast over N, H, W.
@@ -15,10 +15,10 @@ pub(crate) fn add_channel_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     if b.elem_count() != c {
         candle_core::bail!("bias has {} elements for {c} channels", b.elem_count());
     }
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::generic::cpu_custom(x) {
         x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
     } else {
-        x.broadcast_add(&b.reshape((1, c, 1, 1))?)
+        super::generic::add_channel_bias(x, b)
     }
 }
 

@@ -9,7 +9,7 @@
 
 use super::gemm::{matmul, sum_partials, MatRef};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Shapes and hyper-parameters of one convolution.
@@ -940,7 +940,7 @@ pub(crate) fn conv2d_cpu(
 
 /// Whether [`conv2d_cpu`] handles tensors of this device and dtype.
 pub(crate) fn supported(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    super::generic::cpu_custom(x)
 }
 
 #[cfg(test)]

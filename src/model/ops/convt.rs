@@ -227,7 +227,7 @@ fn backward_tensors<T: WithDType>(
 
 /// Whether [`conv_transpose2d_cpu`] handles these tensors.
 pub(crate) fn supported(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && w.dtype() == x.dtype()
+    super::generic::cpu_custom(x) && w.dtype() == x.dtype()
 }
 
 /// `x` [N, C, H, W], `w` [C, O, s, s] -> [N, O, H·s, W·s] (kernel == stride, no padding).

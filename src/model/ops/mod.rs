@@ -8,11 +8,13 @@ mod bias;
 mod conv;
 mod convt;
 mod gemm;
+mod generic;
 mod pool;
 mod relu;
 mod resize;
 
 pub use batchnorm::BatchNorm2d;
+pub use generic::{generic_forced, set_force_generic};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -34,7 +36,9 @@ pub fn conv_flops() -> u64 {
 /// symmetric `padding`, `stride`, `dilation`; groups = 1.
 ///
 /// On CPU (f32/f64) this is an im2col + GEMM custom op whose backward also runs on GEMM (Candle's
-/// CPU input gradient is a naive transposed convolution); elsewhere it is Candle's conv2d.
+/// CPU input gradient is a naive transposed convolution); elsewhere (and with
+/// [`set_force_generic`]) the device-generic formulation: Candle's conv2d forward, the input
+/// gradient as a forward convolution, the weight gradient as a GEMM (see `generic.rs`).
 /// The padding may exceed the image (ASPP's dilated branches on small inputs).
 pub fn conv2d(
     x: &Tensor,
@@ -55,7 +59,7 @@ pub fn conv2d(
     let y = if conv::supported(x) {
         conv::conv2d_cpu(x, w, stride, padding, dilation)?
     } else {
-        x.conv2d(w, padding, stride, dilation, 1)?
+        generic::conv2d(x, w, stride, padding, dilation)?
     };
     match bias {
         Some(b) => bias::add_channel_bias(&y, b),
@@ -100,8 +104,9 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor>
 ///
 /// Only non-overlapping kernels (`kh == kw == stride`, no padding) are supported: then every
 /// input pixel writes its own `stride`×`stride` output block, which is one matmul and a pixel
-/// shuffle. On CPU (f32/f64) that is a custom op with a GEMM backward; elsewhere Candle's
-/// matmul and reshapes, which its autograd differentiates. Other shapes are an error.
+/// shuffle. On CPU (f32/f64) that is a custom op with a GEMM backward; elsewhere (and with
+/// [`set_force_generic`]) Candle's matmul and reshapes, which its autograd differentiates.
+/// Other shapes are an error.
 pub fn conv_transpose2d(
     x: &Tensor,
     w: &Tensor,

@@ -2,9 +2,7 @@
 //! kernel == stride without padding).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Geometry of a square max pool over [N, C, H, W].
@@ -199,32 +197,10 @@ pub(crate) fn max_pool2d(
     padding: usize,
 ) -> Result<Tensor> {
     let g = PoolGeom::new(x.shape(), kernel, stride, padding)?;
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::generic::cpu_custom(x) {
         return x.contiguous()?.apply_op1(MaxPool(g));
     }
-    let x = if padding > 0 {
-        let min = x.min_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? - 1.0;
-        let (n, c, h, w) = x.dims4()?;
-        let fill = |s: (usize, usize, usize, usize)| -> Result<Tensor> {
-            Tensor::full(min, s, x.device())?.to_dtype(x.dtype())
-        };
-        let x = Tensor::cat(
-            &[
-                fill((n, c, h, padding))?,
-                x.clone(),
-                fill((n, c, h, padding))?,
-            ],
-            3,
-        )?;
-        let wp = w + 2 * padding;
-        Tensor::cat(
-            &[fill((n, c, padding, wp))?, x, fill((n, c, padding, wp))?],
-            2,
-        )?
-    } else {
-        x.clone()
-    };
-    x.max_pool2d_with_stride(kernel, stride)
+    super::generic::max_pool2d(x, g.kernel, g.stride, g.padding)
 }
 
 #[cfg(test)]

@@ -6,9 +6,7 @@
 //! at 0).
 
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Elements per parallel task.
@@ -143,22 +141,22 @@ impl CustomOp2 for AddRelu {
     }
 }
 
-/// `max(a + b, 0)`; on CPU f32/f64 one fused op, elsewhere Candle's add and relu.
+/// `max(a + b, 0)`; on CPU f32/f64 one fused op, elsewhere the generic path's.
 pub(crate) fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let cpu = |x: &Tensor| x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    let cpu = super::generic::cpu_custom;
     if cpu(a) && cpu(b) && a.dtype() == b.dtype() && a.shape() == b.shape() {
         a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
     } else {
-        (a + b)?.relu()
+        super::generic::add_relu(a, b)
     }
 }
 
-/// ReLU; on CPU f32/f64 the custom op above, elsewhere Candle's.
+/// ReLU; on CPU f32/f64 the custom op above, elsewhere the generic path's.
 pub(crate) fn relu(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if super::generic::cpu_custom(x) {
         x.contiguous()?.apply_op1(Relu)
     } else {
-        x.relu()
+        super::generic::relu(x)
     }
 }
 
@@ -209,8 +207,7 @@ impl candle_core::InplaceOp2 for AddReluInPlace {
 /// neither tracking a graph); elsewhere the allocating tensor ops. `y` must be a fresh result
 /// that no tensor still in use shares storage with. Bitwise equal to `relu(&(y + r)?)`.
 pub(crate) fn add_relu_in_place(y: Tensor, r: &Tensor) -> Result<Tensor> {
-    let in_place = y.device().is_cpu()
-        && matches!(y.dtype(), DType::F32 | DType::F64)
+    let in_place = super::generic::cpu_custom(&y)
         && y.dtype() == r.dtype()
         && y.shape() == r.shape()
         && !y.track_op()
@@ -227,7 +224,7 @@ pub(crate) fn add_relu_in_place(y: Tensor, r: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     /// Forward is max(x, 0); the gradient of Σ relu(x)·c is c where x > 0 and 0 elsewhere,
     /// including at x = 0 (PyTorch's convention), for f32 and f64.

@@ -100,6 +100,7 @@ impl Stage for Train {
             "train.seed",
             "train.device",
             "train.precision",
+            "train.recompute",
             "train.crop",
             "train.save_preds_every",
         ]
@@ -234,6 +235,7 @@ fn setup(exp: &Experiment, progress: &Progress) -> Result<Setup> {
     device::check_precision(t.precision, &device)?;
     reset_peak_rss();
     let model = SegModel::new(&exp.model, &device, t.seed)?;
+    model.set_recompute(t.recompute);
     if !exp.model.pretrained.is_empty() {
         let notes = checkpoint::load_pretrained(&model, Path::new(&exp.model.pretrained))
             .with_context(|| format!("model.pretrained = {}", exp.model.pretrained))?;
