@@ -303,12 +303,14 @@ fn bf16_precision_on_cpu_is_refused() {
 #[test]
 fn bf16_precision_is_refused_when_train_starts() {
     let p = Project::new();
+    // A tiny model and one epoch, so that a build that forgot the check fails fast.
     let text = synthetic_exp("auto")
         .replace("\"dbg\"", "\"deeplabv3\"")
         .replace(
             "imgsz = 64",
-            "imgsz = 64\ndevice = \"auto\"\nprecision = \"bf16\"",
-        );
+            "imgsz = 64\nepochs = 1\ndevice = \"auto\"\nprecision = \"bf16\"",
+        )
+        + "[model]\narch = \"unet\"\nwidths = [8, 16]\n";
     let e = p.experiment("auto", &text);
     let err = fails(&p, &["run", e.to_str().unwrap(), "--until", "train"]);
     assert!(
