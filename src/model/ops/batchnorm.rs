@@ -525,8 +525,18 @@ mod tests {
     fn fused_relu_matches_separate_relu() {
         let dev = Device::Cpu;
         let bn = bn(4);
-        let x = Var::randn(0.5f64, 2.0, (3, 4, 5, 6), &dev).unwrap();
-        let gy = Tensor::randn(0.0f64, 1.0, (3, 4, 5, 6), &dev).unwrap();
+        // Seeded data (unseeded draws made this test flaky once in a full run).
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let mut draw = |n: usize, scale: f64, shift: f64| -> Vec<f64> {
+            (0..n)
+                .map(|_| shift + scale * (rng.random::<f64>() * 2.0 - 1.0))
+                .collect()
+        };
+        let x =
+            Var::from_tensor(&Tensor::from_vec(draw(360, 3.0, 0.5), (3, 4, 5, 6), &dev).unwrap())
+                .unwrap();
+        let gy = Tensor::from_vec(draw(360, 1.0, 0.0), (3, 4, 5, 6), &dev).unwrap();
         let y1 = bn.forward_relu(&x, true).unwrap();
         let y2 = super::super::relu::relu(&bn.forward(&x, true).unwrap()).unwrap();
         assert_eq!(max_abs_diff(&y1, &y2), 0.0);
@@ -542,7 +552,8 @@ mod tests {
         let g1 = (y1 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
         let g2 = (y2 * &gy).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [x.as_tensor(), bn.weight.as_tensor(), bn.bias.as_tensor()] {
-            assert!(max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap()) < 1e-12);
+            let d = max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(d < 1e-12, "gradient differs by {d}");
         }
     }
 
