@@ -455,6 +455,33 @@ mod tests {
         });
         let d = max_diff(&whole, &tiled);
         assert!(d < 1e-5, "tiled differs from whole by {d}");
+
+        // Tiling did happen: without overlap, each window's edge (where it saw zero padding
+        // instead of its neighbours) shows, and only near the cuts between windows.
+        let s = model.stride();
+        let cuts = |len| -> Vec<usize> {
+            let spans = tile_spans(len, 256, 0, s);
+            spans[1..].iter().map(|sp| sp.2).collect()
+        };
+        let (xcuts, ycuts) = (cuts(565), cuts(584));
+        assert_eq!((xcuts.len(), ycuts.len()), (2, 2), "3×3 windows");
+        let seamed = pred(Mode::Native {
+            tile: 256,
+            overlap: 0,
+        });
+        let near = |v: usize, cuts: &[usize]| cuts.iter().any(|&c| v.abs_diff(c) <= 16);
+        let mut changed = 0;
+        for (i, (a, b)) in whole.iter().zip(&seamed).enumerate() {
+            if (a - b).abs() > 1e-5 {
+                let (x, y) = (i % 565, i / 565);
+                assert!(
+                    near(x, &xcuts) || near(y, &ycuts),
+                    "({x},{y}) changed, away from the cuts {xcuts:?} × {ycuts:?}"
+                );
+                changed += 1;
+            }
+        }
+        assert!(changed > 1000, "only {changed} pixels show the seams");
     }
 
     #[test]

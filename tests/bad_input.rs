@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{synthetic_exp, Project};
+use common::{keys, synthetic_exp, Project};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 
 /// Run, expect failure; return stderr.
@@ -216,17 +216,42 @@ fn wrong_type_and_out_of_range_values() {
 #[test]
 fn extends_chain_and_missing_parent() {
     let p = Project::new();
-    p.experiment("parent", &synthetic_exp("parent"));
+    // The parent sets the learning rate too: the child's value must win over it.
+    p.experiment(
+        "parent",
+        &synthetic_exp("parent").replace("[train]\n", "[train]\nlr = 0.0005\n"),
+    );
     let child = p.experiment(
         "child",
         "name = \"child\"\nextends = \"parent.toml\"\n[train]\nlr = 0.002\n",
     );
-    let out = p.run(&["run", "--dry-run", child.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // The same experiment written out in full, with the child's learning rate.
+    let flat = p.experiment(
+        "flat",
+        &synthetic_exp("flat").replace("[train]\n", "[train]\nlr = 0.002\n"),
     );
+    let plan = |e: &Path, name: &str| {
+        let out = p.run(&["run", "--dry-run", "--json", e.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        keys(&out.stdout, name)
+    };
+    let (parent, child, flat) = (
+        plan(&p.path().join("experiments/parent.toml"), "parent"),
+        plan(&child, "child"),
+        plan(&flat, "flat"),
+    );
+    // The child inherits the parent's data settings (same split and preprocess) and its own
+    // `train.lr = 0.002` wins: its `fit` is the flat experiment's, not the parent's.
+    assert_eq!(child.len(), 4, "{child:?}");
+    assert_eq!(child, flat, "child = parent + lr 0.002");
+    for stage in ["split", "preprocess"] {
+        assert_eq!(child[stage], parent[stage], "{stage} is inherited");
+    }
+    assert_ne!(child["fit"], parent["fit"], "the override is ignored");
     let orphan = p.experiment("orphan", "name = \"o\"\nextends = \"nope.toml\"\n");
     let err = fails(&p, &["run", orphan.to_str().unwrap()]);
     assert!(

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+use driveline::config::Tta;
+use driveline::model::checkpoint;
+use driveline::predict::{probs_to_image, Mode, Predictor};
 use image::{GrayImage, Rgb, RgbImage};
 
 /// The tiny experiment: synthetic 64×64 images, ResNet-18, one epoch.
@@ -29,7 +32,9 @@ epochs = 1
 batch = 2
 "#;
 
-/// A tiny crop-trained U-Net (native-resolution prediction): two steps on 64-px crops.
+/// A tiny crop-trained U-Net (native-resolution prediction): 30 steps on 64-px crops, at a
+/// learning rate high enough that its probabilities spread (about 40..181 of 255 on
+/// `fake_fundus`), so that 8-bit outputs can tell tiled from untiled prediction.
 const TINY_UNET: &str = r#"name = "tiny"
 pipeline = "native"
 [data]
@@ -45,9 +50,10 @@ arch = "unet"
 widths = [8, 16, 32]
 [train]
 crop = 64
-steps = 2
-valid_every_steps = 2
+steps = 30
+valid_every_steps = 30
 batch = 2
+lr = 0.003
 "#;
 
 /// Trains `experiment` (through `driveline run --until train`, pipeline `pipelines/<pipeline>`)
@@ -189,6 +195,16 @@ fn infer_writes_three_pngs_per_image_at_original_resolution() {
         "exactly 60 outputs, no temp files"
     );
 
+    // What the library predicts with the same checkpoint, for the images checked in full.
+    let (_, ckpt) = trained();
+    let (model, meta) = checkpoint::load(ckpt, &candle_core::Device::Cpu).unwrap();
+    let predictor = Predictor {
+        model: &model,
+        normalize: meta.preprocess.normalize,
+        mode: Mode::Resize(meta.preprocess.imgsz),
+        tta: Tta::None,
+    };
+
     let mut vessels = 0u64;
     for (i, p) in inputs.iter().enumerate() {
         let s = stem(p);
@@ -210,9 +226,24 @@ fn infer_writes_three_pngs_per_image_at_original_resolution() {
             assert_eq!(*m == 255, *q >= 128, "{s}: mask and probability disagree");
         }
         vessels += mask.iter().filter(|&&m| m == 255).count() as u64;
-        // The overlay is the photograph, tinted green where the mask is set.
         if i < 2 {
             let orig = image::open(p).unwrap().to_rgb8();
+            // The probability map is the model's prediction, pixel for pixel (so the mask is
+            // too): not a constant, not a blank.
+            let expected = probs_to_image(&predictor.probs(&orig).unwrap(), 565, 584).unwrap();
+            let worst = expected
+                .iter()
+                .zip(prob.iter())
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert!(
+                worst <= 1,
+                "{s}: prob.png differs from the model's prediction by {worst}"
+            );
+            let (lo, hi) = (prob.iter().min().unwrap(), prob.iter().max().unwrap());
+            assert!(hi > lo, "{s}: the probability map is constant ({lo})");
+            // The overlay is the photograph, tinted green where the mask is set.
             for ((o, m), px) in orig.pixels().zip(mask.iter()).zip(over.pixels()) {
                 if *m == 0 {
                     assert_eq!(o, px, "{s}: overlay changed an unmasked pixel");
@@ -229,6 +260,10 @@ fn infer_writes_three_pngs_per_image_at_original_resolution() {
     assert!(
         vessels < total,
         "every pixel predicted as vessel: the model output is degenerate"
+    );
+    assert!(
+        vessels > 0,
+        "no pixel predicted as vessel: the model output is degenerate"
     );
 }
 
@@ -366,37 +401,68 @@ fn infer_reports_missing_input_and_empty_folders() {
 fn infer_native_checkpoint_in_tiles_with_tta() {
     let (dir, ckpt) = train("infer-test-unet", "native.toml", TINY_UNET);
     let input = tempfile::tempdir().unwrap();
-    // Wider than a tile and lower than one: tiles of 64×50, padded to the U-Net's stride.
-    fake_fundus(150, 50, 2)
-        .save(input.path().join("wide.png"))
-        .unwrap();
-    let out = dir.join("out");
-    let o = driveline(
-        &dir,
-        &[
+    // Wider than a tile and lower than one: tiles of 64×50 (or 128×50), padded to the
+    // U-Net's stride.
+    let wide = input.path().join("wide.png");
+    fake_fundus(150, 50, 2).save(&wide).unwrap();
+    // `driveline infer --tta ARGS` into `dir/<name>`; returns the probability map.
+    let run = |name: &str, args: &[&str], log: &str| {
+        let out = dir.join(name);
+        let mut a = vec![
             "infer",
             "--model",
             ckpt.to_str().unwrap(),
             "--input",
-            input.path().join("wide.png").to_str().unwrap(),
+            wide.to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
-            "--tile",
-            "64",
-            "--overlap",
-            "16",
             "--tta",
-        ],
+        ];
+        a.extend_from_slice(args);
+        let o = driveline(&dir, &a);
+        assert!(o.status.success(), "infer {args:?} failed:\n{}", stderr(&o));
+        assert!(stderr(&o).contains(log), "{}", stderr(&o));
+        for k in ["prob", "mask", "overlay"] {
+            let img = image::open(out.join(format!("wide_{k}.png"))).unwrap();
+            assert_eq!((img.width(), img.height()), (150, 50), "{name} {k}");
+        }
+        image::open(out.join("wide_prob.png")).unwrap().to_luma8()
+    };
+    let whole = run("whole", &[], "native resolution + flip TTA");
+    let diff = |p: &GrayImage| -> (u8, usize) {
+        let d: Vec<u8> = p
+            .iter()
+            .zip(whole.iter())
+            .map(|(a, b)| a.abs_diff(*b))
+            .collect();
+        (
+            d.iter().copied().max().unwrap(),
+            d.iter().filter(|&&v| v > 1).count(),
+        )
+    };
+    // Two tiles whose overlap (56: 28 px kept on each side of the cut) covers the U-Net's
+    // context: the same probabilities as the whole image, TTA included.
+    let tiled = run(
+        "tiled",
+        &["--tile", "128", "--overlap", "56"],
+        "native resolution, tiles 128 overlapping by 56 + flip TTA",
     );
-    assert!(o.status.success(), "infer failed:\n{}", stderr(&o));
+    let (worst, _) = diff(&tiled);
     assert!(
-        stderr(&o).contains("native resolution, tiles 64 overlapping by 16 + flip TTA"),
-        "{}",
-        stderr(&o)
+        worst <= 1,
+        "tiled + TTA differs from the whole image by {worst}/255"
     );
-    for k in ["prob", "mask", "overlay"] {
-        let img = image::open(out.join(format!("wide_{k}.png"))).unwrap();
-        assert_eq!((img.width(), img.height()), (150, 50), "{k}");
-    }
+    // Three tiles without overlap: no context beyond the cuts, so the seams show (tiling did
+    // happen).
+    let seamed = run(
+        "seamed",
+        &["--tile", "64", "--overlap", "0"],
+        "native resolution, tiles 64 overlapping by 0 + flip TTA",
+    );
+    let (worst, changed) = diff(&seamed);
+    assert!(
+        changed > 100,
+        "64-px tiles changed only {changed} pixels of the whole-image prediction (worst {worst})"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -311,10 +311,15 @@ fn report_e2e_second_report_is_cached_and_a_change_reruns_only_it() {
     assert_eq!(again["report"]["status"], "cached");
     assert_eq!(again["report"]["key"], f.json["report"]["key"]);
 
-    // A new learning rate for beta only.
+    // A new learning rate for beta only, and its description says so.
     let beta = f.project.join("experiments/beta.toml");
     let text = std::fs::read_to_string(&beta).unwrap();
-    std::fs::write(&beta, text.replace("lr = 3e-4", "lr = 5e-4")).unwrap();
+    let edited = text.replace("3e-4", "5e-4");
+    assert!(
+        edited.contains("lr = 5e-4") && edited.contains("check, lr 5e-4"),
+        "{edited}"
+    );
+    std::fs::write(&beta, edited).unwrap();
     let changed = report(&f.project);
     for stage in STAGES {
         assert_eq!(
@@ -331,8 +336,15 @@ fn report_e2e_second_report_is_cached_and_a_change_reruns_only_it() {
     }
     assert_eq!(changed["report"]["status"], "ran");
     assert_ne!(changed["report"]["key"], f.json["report"]["key"]);
+    // The report was rewritten from the new beta: its description changed, alpha's did not.
+    let before = std::fs::read_to_string(f.snapshot.join("README.md")).unwrap();
     let readme = std::fs::read_to_string(f.project.join("reports/e2e/README.md")).unwrap();
-    assert!(readme.contains("beta"), "the new report lists beta");
+    assert!(before.contains("end-to-end check, lr 3e-4"), "{before}");
+    assert!(
+        readme.contains("end-to-end check, lr 5e-4") && !readme.contains("lr 3e-4"),
+        "the new report does not show the edited beta:\n{readme}"
+    );
+    assert!(readme.contains("end-to-end check, lr 1e-3"), "{readme}");
 
     // The other tests read the snapshot only: the ~600 MB of checkpoints can go.
     std::fs::remove_dir_all(&f.project).unwrap();

@@ -6,7 +6,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{drive_root, parse_stages, ran, synthetic_exp, Project};
+use common::{assert_unchanged, drive_root, parse_stages, ran, synthetic_exp, Project};
 
 fn names(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
@@ -25,8 +25,11 @@ fn second_run_runs_nothing() {
     let t0 = Instant::now();
     let second = p.run_json(&[e]);
     let took = t0.elapsed();
-    assert!(ran(&second, "a").is_empty(), "{second:?}");
-    assert!(second.iter().all(|(_, _, s)| s == "cached"));
+    let expected: Vec<(String, String, String)> = ["split", "preprocess", "fit", "score"]
+        .iter()
+        .map(|s| ("a".to_string(), s.to_string(), "cached".to_string()))
+        .collect();
+    assert_eq!(second, expected, "every stage reported, all cached");
     eprintln!("second run of an unchanged experiment: {took:?}");
     // Stable, readable paths to the outputs.
     assert!(p
@@ -86,6 +89,11 @@ fn status_explains_why_a_stage_is_stale() {
     let e = p.experiment("s", &synthetic_exp("s"));
     let e = e.to_str().unwrap();
     p.run_json(&[e]);
+    let before = p.written();
+    assert!(
+        before.iter().any(|l| l.starts_with("runs/s/fit ->")),
+        "{before:?}"
+    );
     let out = p.run(&["status", e, "--set", "train.lr=0.0003"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
@@ -98,9 +106,11 @@ fn status_explains_why_a_stage_is_stale() {
         text.contains("score: stale (upstream fit changed)"),
         "{text}"
     );
-    // status runs nothing
-    let again = p.run_json(&[e]);
-    assert!(ran(&again, "s").is_empty());
+    // status runs nothing: no object, work folder or link appears or changes...
+    assert_unchanged(&before, &p.written(), "status wrote to the cache or runs/");
+    // ...so the edit it called stale still has everything to run.
+    let edited = p.run_json(&[e, "--set", "train.lr=0.0003"]);
+    assert_eq!(ran(&edited, "s"), names(&["fit", "score"]));
 }
 
 #[test]
@@ -131,7 +141,9 @@ fn until_force_and_dry_run() {
     let got = p.run_json(&[e, "--until", "preprocess"]);
     assert_eq!(ran(&got, "u"), names(&["split", "preprocess"]));
     assert_eq!(got.len(), 2);
+    let before = p.written();
     let out = p.run(&["run", "--json", "--dry-run", e]);
+    assert!(out.status.success());
     let plan = parse_stages(&out.stdout);
     let stale: Vec<_> = plan
         .iter()
@@ -139,8 +151,11 @@ fn until_force_and_dry_run() {
         .map(|s| s.1.as_str())
         .collect();
     assert_eq!(stale, ["fit", "score"]);
-    let objects_before = p.objects();
-    assert_eq!(p.objects(), objects_before, "dry run published nothing");
+    assert_unchanged(
+        &before,
+        &p.written(),
+        "the dry run wrote to the cache or runs/",
+    );
     p.run_json(&[e]);
     let forced = p.run_json(&[e, "--force", "preprocess"]);
     assert_eq!(ran(&forced, "u"), names(&["preprocess", "fit", "score"]));

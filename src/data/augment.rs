@@ -353,6 +353,7 @@ mod tests {
         });
         let mut rng = StdRng::seed_from_u64(5);
         let mut rotated = 0;
+        let mut zero_filled = 0;
         for _ in 0..10 {
             let a = aug.apply(&s, &mut rng);
             let l = a.label.as_ref().unwrap();
@@ -367,10 +368,25 @@ mod tests {
                 }
             }
             rotated += usize::from(a.image != s.image);
-            // corners are zero-filled outside the source when rotated or shrunk
-            assert!(a.fov.iter().all(|&v| v <= 1));
+            // Outside the source (corners, when rotated or shrunk) image, label and FOV are
+            // zero-filled; inside, the FOV stays 1. No source pixel is black (blue is 50, or
+            // red 200 on the marker), so a black image pixel means "outside".
+            let mut outside = 0;
+            for (x, y, f) in a.fov.enumerate_pixels() {
+                let black = a.image.get_pixel(x, y).0 == [0, 0, 0];
+                assert_eq!(f.0[0], u8::from(!black), "FOV at ({x},{y})");
+                if black {
+                    assert_eq!(l.get_pixel(x, y).0[0], 0, "label outside at ({x},{y})");
+                    outside += 1;
+                }
+            }
+            zero_filled += usize::from(outside > 0);
         }
         assert!(rotated > 3);
+        assert!(
+            zero_filled > 3,
+            "only {zero_filled} of 10 draws zero-filled"
+        );
     }
 
     #[test]

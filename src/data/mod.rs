@@ -62,17 +62,29 @@ pub struct Sample {
 pub(crate) mod tests_support {
     use std::path::PathBuf;
 
-    /// The real DRIVE tree (`../shared/data/DRIVE` from the crate root, or
-    /// `/work/shared/data/DRIVE`), or `None` with a printed note when absent.
+    /// The real DRIVE tree: `data/DRIVE` in the crate (what `./setup.sh` links) or
+    /// `../shared/data/DRIVE` beside it. When it is missing the calling test fails, saying
+    /// where it was looked for, unless `DRIVELINE_SKIP_DRIVE=1` asks to skip (then `None`).
+    /// (`tests/common/mod.rs` has the same rule for the integration tests.)
     pub fn drive_root() -> Option<PathBuf> {
-        let candidates = [
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/DRIVE"),
-            PathBuf::from("/work/shared/data/DRIVE"),
-        ];
-        let found = candidates.into_iter().find(|p| p.join("training").is_dir());
-        if found.is_none() {
-            eprintln!("note: DRIVE not found, skipping the real-data test");
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let candidates = [root.join("data/DRIVE"), root.join("../shared/data/DRIVE")];
+        if let Some(p) = candidates.iter().find(|p| p.join("training").is_dir()) {
+            return Some(p.clone());
         }
-        found
+        let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+        if std::env::var("DRIVELINE_SKIP_DRIVE").as_deref() == Ok("1") {
+            eprintln!(
+                "DRIVE not found (looked in {}); skipped because DRIVELINE_SKIP_DRIVE=1",
+                looked.join(", ")
+            );
+            return None;
+        }
+        panic!(
+            "this test needs the DRIVE data set (original layout) but found none in {}: put it \
+             at data/DRIVE (or ../shared/data/DRIVE beside the repository and run ./setup.sh, \
+             which links it), or set DRIVELINE_SKIP_DRIVE=1 to skip the tests that need it",
+            looked.join(" or ")
+        );
     }
 }

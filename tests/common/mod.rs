@@ -80,6 +80,20 @@ impl Project {
         v.sort();
         v
     }
+
+    /// What a run can write: the cache's `objects/` and `work/` trees and the `runs/` links,
+    /// one line per entry (see [`tree`]).
+    pub fn written(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for d in [".driveline/cache/objects", ".driveline/cache/work", "runs"] {
+            out.extend(
+                tree(&self.path().join(d))
+                    .into_iter()
+                    .map(|l| format!("{d}/{l}")),
+            );
+        }
+        out
+    }
 }
 
 /// (experiment, stage, status) for each stage in `--json` output.
@@ -108,15 +122,106 @@ pub fn ran(stages: &[(String, String, String)], exp: &str) -> Vec<String> {
         .collect()
 }
 
-/// The real DRIVE data set, when present beside the repository.
+/// Where the tests look for the DRIVE data set, in order: `data/DRIVE` in the repository
+/// (what `./setup.sh` links) and `../shared/data/DRIVE` beside it.
+pub fn drive_candidates() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    vec![root.join("data/DRIVE"), root.join("../shared/data/DRIVE")]
+}
+
+/// The real DRIVE data set. When it is missing the calling test fails, saying where it was
+/// looked for, unless `DRIVELINE_SKIP_DRIVE=1` asks to skip (then `None`).
 pub fn drive_root() -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/DRIVE");
-    if p.join("training/images").is_dir() {
-        Some(p.canonicalize().unwrap())
-    } else {
-        eprintln!("note: ../shared/data/DRIVE not found; the real-data variant is skipped");
-        None
+    let candidates = drive_candidates();
+    if let Some(p) = candidates
+        .iter()
+        .find(|p| p.join("training/images").is_dir())
+    {
+        return Some(
+            p.canonicalize()
+                .unwrap_or_else(|e| panic!("cannot resolve {}: {e}", p.display())),
+        );
     }
+    let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    if std::env::var("DRIVELINE_SKIP_DRIVE").as_deref() == Ok("1") {
+        eprintln!(
+            "DRIVE not found (looked in {}); skipped because DRIVELINE_SKIP_DRIVE=1",
+            looked.join(", ")
+        );
+        return None;
+    }
+    panic!(
+        "this test needs the DRIVE data set (original layout, training/images/21_training.tif, ...) \
+         but found none in {}: put it at data/DRIVE (or ../shared/data/DRIVE beside the \
+         repository and run ./setup.sh, which links it), or set DRIVELINE_SKIP_DRIVE=1 to skip \
+         the tests that need it",
+        looked.join(" or ")
+    );
+}
+
+/// Every file under `dir` (recursively, relative paths, sorted) with its size; symbolic links
+/// as `path -> target`. Empty when `dir` does not exist. For "nothing was written" checks.
+pub fn tree(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(base).unwrap().display().to_string();
+            let ft = e.file_type().unwrap();
+            if ft.is_symlink() {
+                out.push(format!(
+                    "{rel} -> {}",
+                    std::fs::read_link(&p).unwrap().display()
+                ));
+            } else if ft.is_dir() {
+                out.push(format!("{rel}/"));
+                walk(base, &p, out);
+            } else {
+                out.push(format!("{rel} ({} bytes)", e.metadata().unwrap().len()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// Asserts that `after` lists the same entries as `before` (see [`Project::written`]),
+/// naming only the entries that appeared or disappeared.
+pub fn assert_unchanged(before: &[String], after: &[String], what: &str) {
+    let added: Vec<&String> = after.iter().filter(|l| !before.contains(l)).collect();
+    let removed: Vec<&String> = before.iter().filter(|l| !after.contains(l)).collect();
+    assert!(
+        added.is_empty() && removed.is_empty(),
+        "{what}\nappeared: {added:#?}\ndisappeared: {removed:#?}"
+    );
+}
+
+/// stage → key of experiment `exp` in `--json` output.
+pub fn keys(stdout: &[u8], exp: &str) -> std::collections::BTreeMap<String, String> {
+    let v: serde_json::Value = serde_json::from_slice(stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(stdout)));
+    let e = v["experiments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == exp)
+        .unwrap_or_else(|| panic!("no experiment {exp} in {v}"));
+    e["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["key"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
 }
 
 /// A synthetic experiment on the test pipeline, tiny and fast.
