@@ -81,6 +81,7 @@ fn main() -> anyhow::Result<()> {
             &model,
             &pre,
             serde_json::json!({"source": "parity"}),
+            None,
             Path::new(export),
         )?;
     }

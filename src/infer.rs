@@ -44,8 +44,9 @@ pub struct InferOptions {
     pub device: String,
     /// Test-time augmentation.
     pub tta: Tta,
-    /// Probability at or above which a pixel is a vessel in the mask.
-    pub threshold: f32,
+    /// Probability at or above which a pixel is a vessel in the mask; `None`: the threshold
+    /// the checkpoint was trained to (`train.pick_threshold`), else 0.5.
+    pub threshold: Option<f32>,
     /// Native-resolution prediction in tiles of this side (0: the whole image at once).
     pub tile: u32,
     /// Overlap between neighbouring tiles.
@@ -219,11 +220,12 @@ fn describe(mode: Mode) -> String {
 
 /// Predicts every input image and writes its three PNGs; see the module documentation.
 pub fn run(opts: &InferOptions) -> Result<InferSummary> {
-    ensure!(
-        opts.threshold.is_finite() && opts.threshold > 0.0 && opts.threshold < 1.0,
-        "--threshold {}: must be in (0, 1)",
-        opts.threshold
-    );
+    if let Some(t) = opts.threshold {
+        ensure!(
+            t.is_finite() && t > 0.0 && t < 1.0,
+            "--threshold {t}: must be in (0, 1)"
+        );
+    }
     if let Some(n) = opts.imgsz {
         ensure!((8..=8192).contains(&n), "--imgsz {n}: must be in 8..=8192");
     }
@@ -262,6 +264,17 @@ pub fn run(opts: &InferOptions) -> Result<InferSummary> {
     let device = device::select(&opts.device)?;
     let (model, meta) = checkpoint::load(&opts.model, &device)?;
     let mode = mode(opts, &meta.preprocess);
+    let threshold = match (opts.threshold, &meta.threshold) {
+        (Some(t), _) => t,
+        (None, Some(chosen)) => {
+            progress.log(&format!(
+                "threshold {} from the checkpoint ({})",
+                chosen.value, chosen.how
+            ));
+            chosen.value
+        }
+        (None, None) => 0.5,
+    };
     if opts.tile != 0 && matches!(mode, Mode::Resize(_)) {
         progress.log("--tile ignored: this checkpoint predicts resized images");
     }
@@ -288,7 +301,7 @@ pub fn run(opts: &InferOptions) -> Result<InferSummary> {
 
     let mut bar = progress.bar(images.len() as u64, "predict");
     for (path, stem) in images.iter().zip(&names) {
-        predict_one(&predictor, path, stem, opts.threshold, &out)
+        predict_one(&predictor, path, stem, threshold, &out)
             .with_context(|| format!("predicting {}", path.display()))?;
         bar.inc(1);
     }

@@ -256,9 +256,10 @@ struct InferArgs {
     /// image and its mirror) or dihedral (the 8 rotations/mirrors).
     #[arg(long, value_name = "KIND", num_args = 0..=1, default_value = "none", default_missing_value = "flip")]
     tta: driveline::config::Tta,
-    /// Vessel probability threshold for the mask.
-    #[arg(long, default_value_t = 0.5)]
-    threshold: f32,
+    /// Vessel probability threshold for the mask [default: the one stored in the checkpoint
+    /// by train.pick_threshold, else 0.5].
+    #[arg(long)]
+    threshold: Option<f32>,
     /// Native-resolution models: predict in tiles of this side (0: whole image).
     #[arg(long, default_value_t = 0)]
     tile: u32,

@@ -176,6 +176,27 @@ fn order_key(s: f32) -> u32 {
     }
 }
 
+/// The (score, is vessel) of each pixel that `mask` keeps (non-zero; all without a mask).
+///
+/// # Panics
+/// If the slices differ in length (a caller bug, not a data error).
+fn masked<'a>(
+    scores: &'a [f32],
+    truth: &'a [u8],
+    mask: Option<&'a [u8]>,
+) -> impl Iterator<Item = (f32, bool)> + 'a {
+    assert_eq!(scores.len(), truth.len(), "scores and truth lengths differ");
+    if let Some(m) = mask {
+        assert_eq!(m.len(), scores.len(), "mask and scores lengths differ");
+    }
+    scores
+        .iter()
+        .zip(truth)
+        .enumerate()
+        .filter(move |(i, _)| mask.is_none_or(|m| m[*i] != 0))
+        .map(|(_, (&s, &t))| (s, t != 0))
+}
+
 /// Accumulates scores of positive and negative pixels over many images for an exact,
 /// pooled ROC AUC (memory: 4 bytes per counted pixel).
 #[derive(Default, Clone, Debug)]
@@ -190,15 +211,8 @@ impl AucAccumulator {
     /// # Panics
     /// If the slices differ in length (a caller bug, not a data error).
     pub fn add(&mut self, scores: &[f32], truth: &[u8], mask: Option<&[u8]>) {
-        assert_eq!(scores.len(), truth.len(), "scores and truth lengths differ");
-        if let Some(m) = mask {
-            assert_eq!(m.len(), scores.len(), "mask and scores lengths differ");
-        }
-        for (i, (&s, &t)) in scores.iter().zip(truth).enumerate() {
-            if mask.is_some_and(|m| m[i] == 0) {
-                continue;
-            }
-            if t != 0 {
+        for (s, vessel) in masked(scores, truth, mask) {
+            if vessel {
                 self.pos.push(order_key(s));
             } else {
                 self.neg.push(order_key(s));
@@ -254,9 +268,102 @@ pub fn auc_roc(scores: &[f32], truth: &[u8], mask: Option<&[u8]>) -> Option<f64>
     acc.auc()
 }
 
+/// Vessel/background pixel counts by probability, in steps of 1/[`ThresholdSweep::STEPS`]:
+/// the confusion counts at every threshold k/STEPS at once, to pick the F1-optimal one.
+#[derive(Clone, Debug)]
+pub struct ThresholdSweep {
+    /// Pixels whose probability q has ⌊q·STEPS⌋ = k, by class (index 0: background).
+    counts: [Vec<u64>; 2],
+}
+
+impl Default for ThresholdSweep {
+    fn default() -> Self {
+        ThresholdSweep {
+            counts: [vec![0; Self::STEPS + 1], vec![0; Self::STEPS + 1]],
+        }
+    }
+}
+
+impl ThresholdSweep {
+    /// Candidate thresholds are k/1000 for k = 1..=999.
+    pub const STEPS: usize = 1000;
+
+    /// Adds one image's vessel probabilities; `truth` non-zero marks vessel, `mask` non-zero
+    /// keeps a pixel.
+    ///
+    /// # Panics
+    /// If the slices differ in length (a caller bug, not a data error).
+    pub fn add(&mut self, probs: &[f32], truth: &[u8], mask: Option<&[u8]>) {
+        for (q, vessel) in masked(probs, truth, mask) {
+            let k = ((q as f64) * Self::STEPS as f64).floor();
+            let k = k.clamp(0.0, Self::STEPS as f64) as usize;
+            self.counts[usize::from(vessel)][k] += 1;
+        }
+    }
+
+    /// The confusion counts of the mask `q >= k / STEPS`.
+    pub fn confusion_at(&self, k: usize) -> Confusion {
+        let above = |c: &Vec<u64>| c[k..].iter().sum::<u64>();
+        let below = |c: &Vec<u64>| c[..k].iter().sum::<u64>();
+        Confusion {
+            tp: above(&self.counts[1]),
+            fp: above(&self.counts[0]),
+            tn: below(&self.counts[0]),
+            fn_: below(&self.counts[1]),
+        }
+    }
+
+    /// The threshold k/STEPS (0 < k < STEPS) with the highest F1 (Dice) of the pooled pixels,
+    /// and that F1; among equal F1s, the threshold nearest 0.5. `None` without any vessel pixel.
+    pub fn best_f1(&self) -> Option<(f32, f64)> {
+        if self.counts[1].iter().all(|&c| c == 0) {
+            return None;
+        }
+        let half = Self::STEPS / 2;
+        (1..Self::STEPS)
+            .map(|k| (k, self.confusion_at(k).dice()))
+            .max_by(|a, b| {
+                a.1.total_cmp(&b.1)
+                    .then(b.0.abs_diff(half).cmp(&a.0.abs_diff(half)))
+            })
+            .map(|(k, f1)| (k as f32 / Self::STEPS as f32, f1))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Six pixels, one outside the mask: vessel at 0.9, 0.7, 0.2; background at 0.6, 0.1
+    /// (and 0.95 masked out). At 0.5: TP 2, FP 1, FN 1, F1 = 4/6. At 0.65 (any threshold in
+    /// (0.6, 0.7]): TP 2, FP 0, FN 1, F1 = 4/5. At 0.15 (in (0.1, 0.2]): TP 3, FP 1, F1 = 6/7,
+    /// the best; the ties in (0.1, 0.2] resolve to 0.2, the one nearest 0.5.
+    #[test]
+    fn the_f1_optimal_threshold_of_a_toy_example() {
+        let probs = [0.9f32, 0.7, 0.2, 0.6, 0.1, 0.95];
+        let truth = [1u8, 1, 1, 0, 0, 0];
+        let mask = [1u8, 1, 1, 1, 1, 0];
+        let mut s = ThresholdSweep::default();
+        s.add(&probs, &truth, Some(&mask));
+        let c = s.confusion_at(500);
+        assert_eq!((c.tp, c.fp, c.tn, c.fn_), (2, 1, 1, 1));
+        assert!((c.dice() - 4.0 / 6.0).abs() < 1e-12);
+        assert!((s.confusion_at(650).dice() - 0.8).abs() < 1e-12);
+        let (t, f1) = s.best_f1().unwrap();
+        assert_eq!(t, 0.2);
+        assert!((f1 - 6.0 / 7.0).abs() < 1e-12, "{f1}");
+        // The counts at the chosen threshold are those of the mask `q >= t`.
+        let pred: Vec<u8> = probs.iter().map(|&q| u8::from(q >= t)).collect();
+        assert_eq!(
+            Confusion::from_pixels(&pred, &truth, Some(&mask)),
+            s.confusion_at(200)
+        );
+        // Without the mask, the 0.95 background pixel is a false positive at every threshold.
+        let mut all = ThresholdSweep::default();
+        all.add(&probs, &truth, None);
+        assert_eq!(all.confusion_at(200).fp, 2);
+        assert!(ThresholdSweep::default().best_f1().is_none());
+    }
 
     #[test]
     fn confusion_counts_tiny_example() {

@@ -819,6 +819,7 @@ mod tests {
             peak_rss_mib: 100.0,
             param_count: 10,
             device: "cpu".into(),
+            threshold: None,
             history: vec![PeriodRow {
                 period: 1,
                 step: 5,

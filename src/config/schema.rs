@@ -74,7 +74,8 @@ pub struct DataConfig {
     /// Dataset root. Relative paths in experiment files resolve against the project root.
     pub root: String,
     /// Number of labelled images held out for validation (ignored when `valid_ids` is set
-    /// or the layout is already split).
+    /// or the layout is already split). 0: train on every labelled image, validate nothing
+    /// (needs `evaluate.checkpoint = "last"`).
     pub valid_count: usize,
     /// Pin the validation images explicitly (e.g. `["25", "26", "35", "40"]`).
     pub valid_ids: Vec<String>,
@@ -289,6 +290,13 @@ pub struct TrainConfig {
     /// again. Less memory for one more backbone forward per step; the same gradients. On every
     /// device; the U-Net ignores it.
     pub recompute: bool,
+    /// Decay of an exponential moving average of the weights (0: off; e.g. 0.999). When on,
+    /// validation, the kept checkpoints and evaluation use the average (`training::ema`).
+    pub ema: f64,
+    /// After training, choose the vessel threshold with the best pooled F1 on the train
+    /// images' own predictions (inside the FOV, no TTA) and store it in the checkpoints, for
+    /// `evaluate.threshold = "train"` and `driveline infer`. The valid images play no part.
+    pub pick_threshold: bool,
     /// Random crops of this side at native resolution (0: whole resized images).
     pub crop: u32,
     /// Save valid-set predictions as PNG every N periods (0: never).
@@ -317,6 +325,8 @@ impl Default for TrainConfig {
             device: "cpu".into(),
             precision: Precision::F32,
             recompute: false,
+            ema: 0.0,
+            pick_threshold: false,
             crop: 0,
             save_preds_every: 10,
         }
@@ -424,6 +434,53 @@ impl std::str::FromStr for Tta {
     }
 }
 
+/// `evaluate.threshold`: a fixed probability, or the one chosen on the training images.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Threshold {
+    Value(f32),
+    /// The checkpoint's [`crate::model::checkpoint::ChosenThreshold`].
+    Train,
+}
+
+impl Serialize for Threshold {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Threshold::Value(v) => s.serialize_f32(*v),
+            Threshold::Train => s.serialize_str("train"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Threshold {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Threshold;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a probability in (0, 1) or \"train\"")
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Threshold, E> {
+                Ok(Threshold::Value(v as f32))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Threshold, E> {
+                Ok(Threshold::Value(v as f32))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Threshold, E> {
+                Ok(Threshold::Value(v as f32))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Threshold, E> {
+                match v {
+                    "train" => Ok(Threshold::Train),
+                    _ => Err(E::custom(format!(
+                        "unknown threshold `{v}`: expected a probability in (0, 1) or \"train\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// Accepts the strings of [`Tta`] and, as earlier versions did, a boolean (`true` = flip).
 impl<'de> Deserialize<'de> for Tta {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -451,8 +508,9 @@ pub struct EvaluateConfig {
     /// Test-time augmentation: `"none"` (or `false`), `"flip"` (or `true`: the image and its
     /// mirror) or `"dihedral"` (the 8 rotations/mirrors of the square).
     pub tta: Tta,
-    /// Probability above which a pixel is vessel.
-    pub threshold: f32,
+    /// Probability at or above which a pixel is vessel: a number in (0, 1), or `"train"`, the
+    /// threshold the train stage chose and stored in the checkpoint (`train.pick_threshold`).
+    pub threshold: Threshold,
     /// Native-resolution inference: tile side (0: whole image, padded to the stride).
     pub tile: u32,
     pub overlap: u32,
@@ -463,7 +521,7 @@ impl Default for EvaluateConfig {
         Self {
             checkpoint: CheckpointChoice::BestIou,
             tta: Tta::None,
-            threshold: 0.5,
+            threshold: Threshold::Value(0.5),
             tile: 0,
             overlap: 64,
         }
@@ -537,8 +595,17 @@ impl Experiment {
             );
         }
         let d = &self.data;
-        if d.layout != Layout::SplitDirs && d.valid_ids.is_empty() && d.valid_count == 0 {
-            bad("data.valid_count", "must be at least 1".into());
+        if d.layout != Layout::SplitDirs
+            && d.valid_ids.is_empty()
+            && d.valid_count == 0
+            && self.evaluate.checkpoint != CheckpointChoice::Last
+        {
+            bad(
+                "data.valid_count",
+                "0 trains on every labelled image, which leaves nothing to choose a best \
+                 checkpoint on: set evaluate.checkpoint = \"last\""
+                    .into(),
+            );
         }
         if d.layout == Layout::Synthetic {
             let s = &d.synthetic;
@@ -667,6 +734,15 @@ impl Experiment {
                 ),
             );
         }
+        if !(0.0..1.0).contains(&t.ema) {
+            bad(
+                "train.ema",
+                format!(
+                    "{} must be in [0, 1): 0 is off, 0.999 a common decay",
+                    t.ema
+                ),
+            );
+        }
         if t.crop != 0 && (t.crop < 32 || !t.crop.is_multiple_of(8)) {
             bad(
                 "train.crop",
@@ -702,11 +778,13 @@ impl Experiment {
             );
         }
         let e = &self.evaluate;
-        if !(e.threshold > 0.0 && e.threshold < 1.0) {
-            bad(
-                "evaluate.threshold",
-                format!("{} must be in (0, 1)", e.threshold),
-            );
+        if let Threshold::Value(v) = e.threshold {
+            if !(v > 0.0 && v < 1.0) {
+                bad(
+                    "evaluate.threshold",
+                    format!("{v} must be in (0, 1), or \"train\""),
+                );
+            }
         }
         if e.tile != 0 && (e.tile < 64 || !e.tile.is_multiple_of(8)) {
             bad(

@@ -31,6 +31,18 @@ pub struct Preprocess {
     pub crop: u32,
 }
 
+/// A vessel threshold chosen from data after training (`train.pick_threshold`), which
+/// `evaluate.threshold = "train"` and `driveline infer` use.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChosenThreshold {
+    /// Probability at or above which a pixel is vessel.
+    pub value: f32,
+    /// The pooled F1 at that threshold on the images it was chosen on.
+    pub f1: f64,
+    /// How it was chosen, e.g. "F1-optimal on the 16 train images (inside the FOV)".
+    pub how: String,
+}
+
 /// What a checkpoint says about itself.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CheckpointMeta {
@@ -42,6 +54,9 @@ pub struct CheckpointMeta {
     /// Free-form facts from the caller (epoch, metric, ...); `null` when none.
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// The threshold chosen from data, if any (absent from older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<ChosenThreshold>,
 }
 
 /// Writes `model` to `path` atomically (temporary file in the same directory, then rename).
@@ -49,6 +64,7 @@ pub fn save(
     model: &SegModel,
     preprocess: &Preprocess,
     extra: serde_json::Value,
+    threshold: Option<&ChosenThreshold>,
     path: &Path,
 ) -> anyhow::Result<()> {
     let meta = CheckpointMeta {
@@ -56,6 +72,7 @@ pub fn save(
         model: model.config().clone(),
         preprocess: preprocess.clone(),
         extra,
+        threshold: threshold.cloned(),
     };
     let mut info = HashMap::new();
     info.insert(

@@ -245,11 +245,17 @@ fn checkpoint_round_trip_gives_identical_logits() {
         m.forward(&input(2, 32, 32), true).unwrap();
         let path = dir.path().join("model.safetensors");
         let extra = serde_json::json!({"epoch": 3});
-        checkpoint::save(&m, &preprocess(), extra.clone(), &path).unwrap();
+        let chosen = checkpoint::ChosenThreshold {
+            value: 0.42,
+            f1: 0.8,
+            how: "test".into(),
+        };
+        checkpoint::save(&m, &preprocess(), extra.clone(), Some(&chosen), &path).unwrap();
         let meta = checkpoint::read_meta(&path).unwrap();
         assert_eq!(meta.model, cfg);
         assert_eq!(meta.preprocess, preprocess());
         assert_eq!(meta.extra, extra);
+        assert_eq!(meta.threshold, Some(chosen));
         let (loaded, meta2) = checkpoint::load(&path, &Device::Cpu).unwrap();
         assert_eq!(meta2, meta);
         let x = input(1, 32, 40);

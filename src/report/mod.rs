@@ -62,15 +62,21 @@ pub struct PeriodRow {
     pub step: usize,
     /// Mean training loss since the previous row.
     pub train_loss: f64,
-    /// Mean validation loss.
+    /// Mean validation loss. The validation figures are NaN (`null` in JSON) for a run
+    /// without valid images (`data.valid_count = 0`).
+    #[serde(deserialize_with = "null_as_nan")]
     pub valid_loss: f64,
     /// Validation pixel accuracy in `[0, 1]`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub pixel_acc: f64,
     /// Validation mean IoU over background and vessel, in `[0, 1]`.
+    #[serde(deserialize_with = "null_as_nan")]
     pub miou: f64,
     /// Validation IoU of the vessel class alone.
+    #[serde(deserialize_with = "null_as_nan")]
     pub vessel_iou: f64,
     /// Validation Dice (F1) of the vessel class.
+    #[serde(deserialize_with = "null_as_nan")]
     pub vessel_dice: f64,
     /// Learning rate in effect at the end of the period.
     pub lr: f64,
@@ -82,6 +88,11 @@ pub struct PeriodRow {
     /// Training mean IoU, when the trainer tracked it (drawn next to validation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_miou: Option<f64>,
+}
+
+/// A float that may be missing: JSON writes NaN as `null`, which reads back as NaN.
+pub fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Final evaluation of one model on one split.
@@ -141,8 +152,10 @@ pub struct ExperimentSummary {
     pub epochs: usize,
     /// Epoch (or step) whose checkpoint had the best validation mIoU.
     pub best_epoch: usize,
+    #[serde(deserialize_with = "null_as_nan")]
     pub best_valid_miou: f64,
     /// Validation vessel Dice of the best checkpoint.
+    #[serde(deserialize_with = "null_as_nan")]
     pub best_valid_dice: f64,
     /// One row per validation pass, in training order.
     #[serde(default)]

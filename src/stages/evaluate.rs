@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::preprocess::{self, Prepared};
 use super::train::{BEST_IOU, BEST_LOSS, LAST};
 use super::{Stage, StageCtx};
-use crate::config::{CheckpointChoice, Tta};
+use crate::config::{CheckpointChoice, Threshold, Tta};
 use crate::metrics::{AucAccumulator, Confusion};
 use crate::model::{checkpoint, device};
 use crate::predict::{mode_for, probs_to_image, Predictor};
@@ -126,6 +126,23 @@ fn evaluate(ctx: &StageCtx, ds: &preprocess::Dataset, ckpt: &Path) -> Result<()>
     let e = &ctx.exp.evaluate;
     let device = device::select(&ctx.exp.train.device)?;
     let (model, meta) = checkpoint::load(ckpt, &device)?;
+    let threshold = match e.threshold {
+        Threshold::Value(v) => v,
+        Threshold::Train => {
+            let chosen = meta.threshold.as_ref().ok_or_else(|| {
+                anyhow!(
+                    "evaluate.threshold = \"train\": the checkpoint {} has no chosen threshold; \
+                     train with train.pick_threshold = true",
+                    ckpt.display()
+                )
+            })?;
+            ctx.progress.log(&format!(
+                "threshold {} ({}, F1 {:.4} there)",
+                chosen.value, chosen.how, chosen.f1
+            ));
+            chosen.value
+        }
+    };
     let predictor = Predictor {
         model: &model,
         normalize: meta.preprocess.normalize,
@@ -143,7 +160,7 @@ fn evaluate(ctx: &StageCtx, ds: &preprocess::Dataset, ckpt: &Path) -> Result<()>
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         tta: e.tta,
-        threshold: e.threshold,
+        threshold,
         splits: BTreeMap::new(),
         predicted: Vec::new(),
     };
@@ -157,7 +174,7 @@ fn evaluate(ctx: &StageCtx, ds: &preprocess::Dataset, ckpt: &Path) -> Result<()>
         let mut pooled_all = (Confusion::default(), AucAccumulator::default());
         let mut images = Vec::new();
         for p in items.iter() {
-            let s = score_image(&predictor, p, e.threshold, &dir)?;
+            let s = score_image(&predictor, p, threshold, &dir)?;
             report.predicted.push((split.to_string(), p.id.clone()));
             if let Some((img, cf, af, ca, aa)) = s {
                 pooled_fov.0.merge(&cf);

@@ -20,10 +20,13 @@
 //!      (`optimiser_step`: forward, loss, backward, update);
 //!    - `validate`: the whole valid images at the working resolution (loss = cross-entropy,
 //!      pixel accuracy, mIoU, vessel IoU and Dice), optionally saving the predictions;
-//!    - `keep_checkpoints`: best-by-loss, best-by-IoU and last checkpoints, the optimiser
+//!    - `keep_checkpoints`: best-by-loss, best-by-IoU and last checkpoints (of the moving
+//!      average of the weights with `train.ema`, plus the raw last weights), the optimiser
 //!      state, one row of `metrics.csv`, and `state.json`, written last: it marks the period
 //!      as done.
-//! 6. `summary`: `summary.json`, and the resume state removed from the output.
+//! 6. `pick_thresholds` (with `train.pick_threshold`): the F1-optimal vessel threshold of each
+//!    kept checkpoint on the train images' own predictions, stored in the checkpoint.
+//! 7. `summary`: `summary.json`, and the resume state removed from the output.
 //!
 //! A run killed mid-way resumes after its last completed period and, since every random draw
 //! derives from (seed, period, step), reaches the same weights as an uninterrupted run.
@@ -48,14 +51,15 @@ use super::{Stage, StageCtx};
 use crate::config::{Experiment, Normalize, TrainConfig, Tta};
 use crate::data::{Augmenter, ChannelStats, Sample};
 use crate::metrics::Confusion;
-use crate::model::checkpoint::{self, Preprocess as CkptPreprocess};
+use crate::metrics::ThresholdSweep;
+use crate::model::checkpoint::{self, ChosenThreshold, Preprocess as CkptPreprocess};
 use crate::model::{device, SegModel};
-use crate::predict::{argmax_u8, image_tensor, Mode, Predictor};
+use crate::predict::{argmax_u8, image_tensor, mode_for, Mode, Predictor};
 use crate::progress::{Bar, Progress};
 pub use crate::report::PeriodRow;
 use crate::training::{
     build_batch, image_stats, loss_fn, lr_at, mix, peak_rss_mib, plain_ce, reset_peak_rss, Batch,
-    Optimizer,
+    Ema, Optimizer,
 };
 
 pub struct Train;
@@ -64,6 +68,8 @@ pub const BEST_IOU: &str = "best_model_iou.safetensors";
 pub const BEST_LOSS: &str = "best_model_loss.safetensors";
 pub const LAST: &str = "last.safetensors";
 const LAST_OPTIM: &str = "last_optim.safetensors";
+/// With `train.ema`: the raw (not averaged) last weights, which training resumes from.
+const LAST_RAW: &str = "last_raw.safetensors";
 const STATE: &str = "state.json";
 
 impl Stage for Train {
@@ -101,6 +107,8 @@ impl Stage for Train {
             "train.device",
             "train.precision",
             "train.recompute",
+            "train.ema",
+            "train.pick_threshold",
             "train.crop",
             "train.save_preds_every",
         ]
@@ -138,7 +146,10 @@ pub struct TrainSummary {
     /// The period (1-based) of the best-by-IoU checkpoint.
     #[serde(alias = "best_epoch")]
     pub best_period: usize,
+    /// NaN (`null`) without valid images, as the other validation figures.
+    #[serde(deserialize_with = "crate::report::null_as_nan")]
     pub best_valid_miou: f64,
+    #[serde(deserialize_with = "crate::report::null_as_nan")]
     pub best_valid_dice: f64,
     /// The period (1-based) of the best-by-loss checkpoint.
     #[serde(alias = "best_loss_epoch")]
@@ -148,6 +159,10 @@ pub struct TrainSummary {
     pub param_count: usize,
     pub device: String,
     pub history: Vec<PeriodRow>,
+    /// The threshold picked on the train images for the last checkpoint
+    /// (`train.pick_threshold`); its time is part of `train_seconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
 }
 
 /// The named steps of training, in order (see the module documentation).
@@ -169,35 +184,51 @@ fn train(
         let trained = run_period(&data, &mut s, &plan, period, &mut bar)?;
         let save_preds = exp.train.save_preds_every > 0
             && (period + 1).is_multiple_of(exp.train.save_preds_every);
-        let (valid_loss, conf) = validate(
-            &valid_predictor(exp, ds, &s.model),
-            &ds.valid,
-            exp.data.normalize,
-            save_preds.then(|| out.join("valid_preds").join(plan.preds_dir(period))),
-        )?;
+        let (valid_loss, conf) = if ds.valid.is_empty() {
+            (f64::NAN, None)
+        } else {
+            let (loss, conf) = validate(
+                &valid_predictor(exp, ds, s.scored()),
+                &ds.valid,
+                exp.data.normalize,
+                save_preds.then(|| out.join("valid_preds").join(plan.preds_dir(period))),
+            )?;
+            (loss, Some(conf))
+        };
+        let valid = |f: fn(&Confusion) -> f64| conf.as_ref().map_or(f64::NAN, f);
         let (first_step, n_steps) = plan.steps_of(period);
         let row = PeriodRow {
             period: period + 1,
             step: first_step + n_steps,
             train_loss: trained.loss,
             valid_loss,
-            pixel_acc: conf.accuracy(),
-            miou: conf.miou(),
-            vessel_iou: conf.iou_vessel(),
-            vessel_dice: conf.dice(),
+            pixel_acc: valid(Confusion::accuracy),
+            miou: valid(Confusion::miou),
+            vessel_iou: valid(Confusion::iou_vessel),
+            vessel_dice: valid(Confusion::dice),
             lr: trained.lr,
             seconds: t0.elapsed().as_secs_f64(),
             train_pixel_acc: Some(trained.conf.accuracy()),
             train_miou: Some(trained.conf.miou()),
         };
-        progress.log(&format!(
-            "{}: train loss {:.4}, valid loss {:.4}, acc {:.4}, mIoU {:.4}, vessel Dice {:.4} ({:.1} s)",
-            plan.name(period), row.train_loss, row.valid_loss, row.pixel_acc, row.miou, row.vessel_dice, row.seconds
-        ));
+        progress.log(&if conf.is_some() {
+            format!(
+                "{}: train loss {:.4}, valid loss {:.4}, acc {:.4}, mIoU {:.4}, vessel Dice {:.4} ({:.1} s)",
+                plan.name(period), row.train_loss, row.valid_loss, row.pixel_acc, row.miou, row.vessel_dice, row.seconds
+            )
+        } else {
+            format!(
+                "{}: train loss {:.4}, no valid images ({:.1} s)",
+                plan.name(period),
+                row.train_loss,
+                row.seconds
+            )
+        });
         keep_checkpoints(&mut state, row, &s, out)?;
     }
     bar.finish();
-    summary(&state, &plan, &s, out)
+    let picked = pick_thresholds(exp, ds, &s.device, out, progress)?;
+    summary(&state, &plan, &s, picked, out)
 }
 
 /// Refuse data the recipe cannot train on: random crops need native-resolution data (the
@@ -223,6 +254,8 @@ struct Setup {
     device: Device,
     model: SegModel,
     opt: Optimizer,
+    /// The moving average of the weights (`train.ema > 0`).
+    ema: Option<Ema>,
     /// How an image is prepared for the model, as the checkpoints record it.
     ckpt_pre: CkptPreprocess,
 }
@@ -250,6 +283,9 @@ fn setup(exp: &Experiment, progress: &Progress) -> Result<Setup> {
         t.weight_decay,
         t.momentum,
     );
+    let ema = (t.ema > 0.0)
+        .then(|| Ema::new(&model, t.ema, 0))
+        .transpose()?;
     let ckpt_pre = CkptPreprocess {
         imgsz: t.imgsz,
         normalize: exp.data.normalize,
@@ -259,8 +295,17 @@ fn setup(exp: &Experiment, progress: &Progress) -> Result<Setup> {
         device,
         model,
         opt,
+        ema,
         ckpt_pre,
     })
+}
+
+impl Setup {
+    /// The weights that are validated, kept and evaluated: the moving average when there is
+    /// one, else the trained weights.
+    fn scored(&self) -> &SegModel {
+        self.ema.as_ref().map_or(&self.model, |e| &e.model)
+    }
 }
 
 /// How a run divides into periods of optimiser steps.
@@ -365,8 +410,14 @@ fn resume(out: &Path, s: &mut Setup, plan: &PeriodPlan, progress: &Progress) -> 
     };
     let done = state.history.len();
     if done > 0 {
-        let tensors = load_tensors(&out.join(LAST), &s.device)?;
-        s.model.load_state_dict(&tensors)?;
+        let raw = if s.ema.is_some() { LAST_RAW } else { LAST };
+        s.model
+            .load_state_dict(&load_tensors(&out.join(raw), &s.device)?)?;
+        if let Some(e) = &mut s.ema {
+            e.model
+                .load_state_dict(&load_tensors(&out.join(LAST), &s.device)?)?;
+            e.updates = state.history.last().map_or(0, |r| r.step) as u64;
+        }
         s.opt.load(&out.join(LAST_OPTIM))?;
         progress.log(&format!(
             "resuming after period {done} ({} done)",
@@ -490,6 +541,9 @@ fn optimiser_step(
         bail!("the loss became {lv} at step {step}; lower train.lr?");
     }
     s.opt.backward_step(&loss)?;
+    if let Some(e) = &mut s.ema {
+        e.update(&s.model)?;
+    }
     conf.add(&argmax_u8(&logits)?, &b.y, None);
     Ok(lv)
 }
@@ -561,17 +615,23 @@ fn validate(
 fn keep_checkpoints(state: &mut State, row: PeriodRow, s: &Setup, out: &Path) -> Result<()> {
     let extra = |what: &str| serde_json::json!({"period": row.period, "step": row.step, "selected_by": what, "valid_miou": row.miou, "valid_loss": row.valid_loss});
     let save = |what: &str, file: &str| {
-        checkpoint::save(&s.model, &s.ckpt_pre, extra(what), &out.join(file))
+        checkpoint::save(s.scored(), &s.ckpt_pre, extra(what), None, &out.join(file))
     };
-    if state.best_loss.is_none_or(|(_, l)| row.valid_loss < l) {
+    // Without valid images (NaN figures) there is no best, only the last checkpoint.
+    let validated = !row.valid_loss.is_nan();
+    if validated && state.best_loss.is_none_or(|(_, l)| row.valid_loss < l) {
         state.best_loss = Some((row.period, row.valid_loss));
         save("valid_loss", BEST_LOSS)?;
     }
-    if state.best_miou.is_none_or(|(_, m)| row.miou > m) {
+    if validated && state.best_miou.is_none_or(|(_, m)| row.miou > m) {
         state.best_miou = Some((row.period, row.miou));
         save("valid_miou", BEST_IOU)?;
     }
     save("last", LAST)?;
+    if s.ema.is_some() {
+        let raw = out.join(LAST_RAW);
+        checkpoint::save(&s.model, &s.ckpt_pre, extra("raw"), None, &raw)?;
+    }
     s.opt.save(&out.join(LAST_OPTIM))?;
     state.history.push(row);
     write_metrics_csv(&out.join("metrics.csv"), &state.history)?;
@@ -581,26 +641,102 @@ fn keep_checkpoints(state: &mut State, row: PeriodRow, s: &Setup, out: &Path) ->
     )
 }
 
+/// A threshold picked after training: the last checkpoint's, and the seconds picking took.
+struct Picked {
+    threshold: f32,
+    seconds: f64,
+}
+
+/// With `train.pick_threshold`: for each kept checkpoint, the vessel threshold with the best
+/// pooled F1 on the train images' own whole-image predictions (at their original resolution,
+/// inside the FOV, no TTA), stored in the checkpoint. The valid images play no part. Runs after
+/// the last period and is idempotent, so a run killed here redoes it.
+fn pick_thresholds(
+    exp: &Experiment,
+    ds: &preprocess::Dataset,
+    device: &Device,
+    out: &Path,
+    progress: &Progress,
+) -> Result<Option<Picked>> {
+    if !exp.train.pick_threshold {
+        return Ok(None);
+    }
+    let t0 = Instant::now();
+    let mut last = 0.0;
+    for file in [BEST_LOSS, BEST_IOU, LAST] {
+        let path = out.join(file);
+        if !path.exists() {
+            continue; // no best checkpoints without valid images
+        }
+        let (model, meta) = checkpoint::load(&path, device)?;
+        let pre = &meta.preprocess;
+        let pred = Predictor {
+            model: &model,
+            normalize: pre.normalize,
+            mode: mode_for(pre.crop, pre.imgsz, 0, 0),
+            tta: Tta::None,
+        };
+        let mut sweep = ThresholdSweep::default();
+        for p in &ds.train {
+            let orig = p.original();
+            let label = orig
+                .label
+                .as_ref()
+                .ok_or_else(|| anyhow!("train image {} has no annotation", p.id))?;
+            let probs = pred.probs(&orig.image)?;
+            sweep.add(&probs, label.as_raw(), Some(orig.fov.as_raw()));
+        }
+        let (value, f1) = sweep.best_f1().ok_or_else(|| {
+            anyhow!("the train images have no vessel pixel to pick a threshold on")
+        })?;
+        let chosen = ChosenThreshold {
+            value,
+            f1,
+            how: format!(
+                "F1-optimal on the {} train images' predictions (inside the FOV, no TTA)",
+                ds.train.len()
+            ),
+        };
+        checkpoint::save(&model, pre, meta.extra.clone(), Some(&chosen), &path)?;
+        progress.log(&format!("{file}: threshold {value} (train F1 {f1:.4})"));
+        last = value;
+    }
+    Ok(Some(Picked {
+        threshold: last,
+        seconds: t0.elapsed().as_secs_f64(),
+    }))
+}
+
 /// `summary.json` from the completed run; the resume state is removed, as it is not part of
 /// the published output.
-fn summary(state: &State, plan: &PeriodPlan, s: &Setup, out: &Path) -> Result<()> {
-    let best = state
-        .best_miou
-        .and_then(|(p, _)| state.history.iter().find(|r| r.period == p))
-        .cloned()
-        .ok_or_else(|| anyhow!("no validation happened"))?;
+fn summary(
+    state: &State,
+    plan: &PeriodPlan,
+    s: &Setup,
+    picked: Option<Picked>,
+    out: &Path,
+) -> Result<()> {
+    // Without valid images the last period stands in for the best (its figures are NaN).
+    let best = match state.best_miou {
+        Some((p, _)) => state.history.iter().find(|r| r.period == p),
+        None => state.history.last(),
+    }
+    .cloned()
+    .ok_or_else(|| anyhow!("no training period completed"))?;
     let summary = TrainSummary {
         periods: plan.periods,
         steps: plan.total_steps,
         best_period: best.period,
         best_valid_miou: best.miou,
         best_valid_dice: best.vessel_dice,
-        best_loss_period: state.best_loss.map_or(0, |(p, _)| p),
-        train_seconds: state.history.iter().map(|r| r.seconds).sum(),
+        best_loss_period: state.best_loss.map_or(best.period, |(p, _)| p),
+        train_seconds: state.history.iter().map(|r| r.seconds).sum::<f64>()
+            + picked.as_ref().map_or(0.0, |p| p.seconds),
         peak_rss_mib: peak_rss_mib(),
         param_count: s.model.param_count(),
         device: device::name(&s.device),
         history: state.history.clone(),
+        threshold: picked.map(|p| p.threshold),
     };
     write_atomic(
         &out.join("summary.json"),
