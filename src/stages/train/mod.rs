@@ -663,48 +663,75 @@ fn pick_thresholds(
     }
     let t0 = Instant::now();
     let mut last = 0.0;
+    // Checkpoints saved after the same period hold the same weights: predict those once.
+    let mut by_period: Vec<(serde_json::Value, ChosenThreshold)> = Vec::new();
     for file in [BEST_LOSS, BEST_IOU, LAST] {
         let path = out.join(file);
         if !path.exists() {
             continue; // no best checkpoints without valid images
         }
         let (model, meta) = checkpoint::load(&path, device)?;
-        let pre = &meta.preprocess;
-        let pred = Predictor {
-            model: &model,
-            normalize: pre.normalize,
-            mode: mode_for(pre.crop, pre.imgsz, 0, 0),
-            tta: Tta::None,
+        let period = meta.extra["period"].clone();
+        let chosen = match by_period.iter().find(|(p, _)| *p == period) {
+            Some((_, c)) => c.clone(),
+            None => {
+                let c = threshold_on_train(&model, &meta.preprocess, ds)?;
+                by_period.push((period, c.clone()));
+                c
+            }
         };
-        let mut sweep = ThresholdSweep::default();
-        for p in &ds.train {
-            let orig = p.original();
-            let label = orig
-                .label
-                .as_ref()
-                .ok_or_else(|| anyhow!("train image {} has no annotation", p.id))?;
-            let probs = pred.probs(&orig.image)?;
-            sweep.add(&probs, label.as_raw(), Some(orig.fov.as_raw()));
-        }
-        let (value, f1) = sweep.best_f1().ok_or_else(|| {
-            anyhow!("the train images have no vessel pixel to pick a threshold on")
-        })?;
-        let chosen = ChosenThreshold {
-            value,
-            f1,
-            how: format!(
-                "F1-optimal on the {} train images' predictions (inside the FOV, no TTA)",
-                ds.train.len()
-            ),
-        };
-        checkpoint::save(&model, pre, meta.extra.clone(), Some(&chosen), &path)?;
-        progress.log(&format!("{file}: threshold {value} (train F1 {f1:.4})"));
-        last = value;
+        checkpoint::save(
+            &model,
+            &meta.preprocess,
+            meta.extra.clone(),
+            Some(&chosen),
+            &path,
+        )?;
+        progress.log(&format!(
+            "{file}: threshold {} (train F1 {:.4})",
+            chosen.value, chosen.f1
+        ));
+        last = chosen.value;
     }
     Ok(Some(Picked {
         threshold: last,
         seconds: t0.elapsed().as_secs_f64(),
     }))
+}
+
+/// The F1-optimal threshold of `model` on the train images (see [`pick_thresholds`]).
+fn threshold_on_train(
+    model: &SegModel,
+    pre: &CkptPreprocess,
+    ds: &preprocess::Dataset,
+) -> Result<ChosenThreshold> {
+    let pred = Predictor {
+        model,
+        normalize: pre.normalize,
+        mode: mode_for(pre.crop, pre.imgsz, 0, 0),
+        tta: Tta::None,
+    };
+    let mut sweep = ThresholdSweep::default();
+    for p in &ds.train {
+        let orig = p.original();
+        let label = orig
+            .label
+            .as_ref()
+            .ok_or_else(|| anyhow!("train image {} has no annotation", p.id))?;
+        let probs = pred.probs(&orig.image)?;
+        sweep.add(&probs, label.as_raw(), Some(orig.fov.as_raw()));
+    }
+    let (value, f1) = sweep
+        .best_f1()
+        .ok_or_else(|| anyhow!("the train images have no vessel pixel to pick a threshold on"))?;
+    Ok(ChosenThreshold {
+        value,
+        f1,
+        how: format!(
+            "F1-optimal on the {} train images' predictions (inside the FOV, no TTA)",
+            ds.train.len()
+        ),
+    })
 }
 
 /// `summary.json` from the completed run; the resume state is removed, as it is not part of
