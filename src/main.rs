@@ -306,6 +306,10 @@ enum BenchCmd {
         /// Activation recomputation per ResNet stage (`train.recompute`).
         #[arg(long)]
         recompute: bool,
+        /// `train.precision`: `f32`, or on CUDA `tf32` or `bf16` (on the CPU, bf16 is emulated
+        /// on the generic path: for trying commands, not for timing).
+        #[arg(long, default_value = "f32", value_parser = parse_precision)]
+        precision: config::Precision,
     },
     /// Whole-image inference of one image (565×584 random, or --image) at --imgsz.
     Infer {
@@ -351,9 +355,10 @@ enum BenchCmd {
         steps: usize,
         #[arg(long, default_value = "cuda")]
         device: String,
-        /// TF32 matrix products on CUDA (loss tolerance 1e-2 instead of 1e-3).
-        #[arg(long)]
-        tf32: bool,
+        /// The device side's `train.precision`: `f32`; on CUDA `tf32` (loss tolerance 1e-2
+        /// instead of 1e-3) or `bf16` (see `bench::BF16_LOSS_TOLERANCE`; emulated on the CPU).
+        #[arg(long, default_value = "f32", value_parser = parse_precision)]
+        precision: config::Precision,
         /// Activation recomputation per ResNet stage on the device side.
         #[arg(long)]
         recompute: bool,
@@ -366,6 +371,11 @@ enum BenchCmd {
 fn parse_arch(s: &str) -> Result<config::Arch, String> {
     serde_json::from_value(serde_json::Value::String(s.into()))
         .map_err(|_| format!("unknown arch {s:?} (deeplabv3, unet)"))
+}
+
+fn parse_precision(s: &str) -> Result<config::Precision, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("unknown precision {s:?} (f32, tf32, bf16)"))
 }
 
 fn parse_loss(s: &str) -> Result<config::schema::Loss, String> {
@@ -630,8 +640,9 @@ fn cmd_bench(g: &Global, what: BenchCmd, json: bool) -> Result<()> {
             loss,
             device,
             recompute,
+            precision,
         } => driveline::bench::train_step_with(
-            &bench_opts(&device, recompute)?,
+            &bench_opts(&device, recompute, precision)?,
             arch,
             backbone,
             imgsz,
@@ -648,7 +659,7 @@ fn cmd_bench(g: &Global, what: BenchCmd, json: bool) -> Result<()> {
             steps,
             device,
         } => driveline::bench::infer_with(
-            &bench_opts(&device, false)?,
+            &bench_opts(&device, false, config::Precision::F32)?,
             arch,
             backbone,
             imgsz,
@@ -660,7 +671,13 @@ fn cmd_bench(g: &Global, what: BenchCmd, json: bool) -> Result<()> {
             sets,
             reps,
             device,
-        } => bench_data(g, experiment, &sets, reps, &bench_opts(&device, false)?)?,
+        } => bench_data(
+            g,
+            experiment,
+            &sets,
+            reps,
+            &bench_opts(&device, false, config::Precision::F32)?,
+        )?,
         BenchCmd::Agree {
             arch,
             backbone,
@@ -668,15 +685,15 @@ fn cmd_bench(g: &Global, what: BenchCmd, json: bool) -> Result<()> {
             batch,
             steps,
             device,
-            tf32,
+            precision,
             recompute,
             adam,
         } => {
             return bench_agree(
-                &bench_opts(&device, recompute)?,
+                &bench_opts(&device, recompute, precision)?,
                 (arch, backbone),
                 (imgsz, batch, steps.max(1)),
-                (tf32, adam),
+                adam,
                 json,
             )
         }
@@ -690,10 +707,15 @@ fn cmd_bench(g: &Global, what: BenchCmd, json: bool) -> Result<()> {
 }
 
 /// The device and options of a model benchmark.
-fn bench_opts(device: &str, recompute: bool) -> Result<driveline::bench::BenchOpts> {
+fn bench_opts(
+    device: &str,
+    recompute: bool,
+    precision: config::Precision,
+) -> Result<driveline::bench::BenchOpts> {
     Ok(driveline::bench::BenchOpts {
         device: driveline::model::device::select(device)?,
         recompute,
+        precision,
     })
 }
 
@@ -702,10 +724,10 @@ fn bench_agree(
     opts: &driveline::bench::BenchOpts,
     (arch, backbone): (config::Arch, config::Backbone),
     (imgsz, batch, steps): (usize, usize, usize),
-    (tf32, adam): (bool, bool),
+    adam: bool,
     json: bool,
 ) -> Result<()> {
-    let r = driveline::bench::agree(opts, arch, backbone, imgsz, batch, steps, tf32, adam)?;
+    let r = driveline::bench::agree(opts, arch, backbone, imgsz, batch, steps, adam)?;
     if json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -297,7 +297,7 @@ fn cyclic_and_inconsistent_pipelines() {
 }
 
 /// `train.precision` other than f32 on the CPU is refused before anything runs, at the line
-/// and column that set it, naming the key and the value.
+/// and column that set it, naming the key and the value (bf16 and tf32 are CUDA's).
 #[test]
 fn bf16_precision_on_cpu_is_refused() {
     let p = Project::new();
@@ -306,7 +306,7 @@ fn bf16_precision_on_cpu_is_refused() {
     let err = fails(&p, &["run", e.to_str().unwrap()]);
     assert!(
         err.contains(
-            "bf.toml:13:1: `train.precision`: \"bf16\" is not supported on train.device = \"cpu\""
+            "bf.toml:13:1: `train.precision`: \"bf16\" runs on CUDA only, and train.device = \"cpu\""
         ),
         "{err}"
     );
@@ -316,7 +316,7 @@ fn bf16_precision_on_cpu_is_refused() {
         &["run", e.to_str().unwrap(), "--set", "train.precision=tf32"],
     );
     assert!(
-        err.contains("--set train.precision=tf32: `train.precision`: \"tf32\" is not supported"),
+        err.contains("--set train.precision=tf32: `train.precision`: \"tf32\" runs on CUDA only"),
         "{err}"
     );
     assert!(p.objects().is_empty());
@@ -339,7 +339,7 @@ fn bf16_precision_is_refused_when_train_starts() {
     let e = p.experiment("auto", &text);
     let err = fails(&p, &["run", e.to_str().unwrap(), "--until", "train"]);
     assert!(
-        err.contains("train.precision = \"bf16\" is not supported on the"),
+        err.contains("train.precision = \"bf16\" runs on CUDA only, not on the cpu device"),
         "{err}"
     );
     assert_eq!(p.objects().len(), 2, "split and preprocess only");

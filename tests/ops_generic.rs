@@ -486,3 +486,148 @@ fn auto_says_which_device_and_why() {
         "no reason given: {err}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Autocast (`train.precision = "bf16"`): the products in bf16, everything else f32.
+
+/// Turns bf16 autocast on for this thread while alive.
+struct Autocast(Option<DType>);
+
+impl Autocast {
+    fn bf16() -> Self {
+        Self(ops::set_autocast(Some(DType::BF16)).unwrap())
+    }
+}
+
+impl Drop for Autocast {
+    fn drop(&mut self) {
+        ops::set_autocast(self.0).unwrap();
+    }
+}
+
+/// `t` rounded to bf16 and back to f32.
+fn round_bf16(t: &Tensor) -> Tensor {
+    t.to_dtype(DType::BF16)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+}
+
+/// Largest |a − b| in units of b's bf16 spacing at each element (2⁻⁷·|b|, at least 2⁻⁷ of
+/// b's largest element over 2⁸, so that results near 0 do not dominate).
+fn bf16_ulps(a: &Tensor, b: &Tensor) -> f64 {
+    let floor = max_abs(b) / 256.0;
+    let d = (a - b).unwrap().abs().unwrap();
+    let spacing = b
+        .abs()
+        .unwrap()
+        .maximum(floor)
+        .unwrap()
+        .affine(1.0 / 128.0, 0.0)
+        .unwrap();
+    max_abs(&d.div(&spacing).unwrap())
+}
+
+/// Under bf16 autocast a convolution casts its operands to bf16 and hands back f32: on every
+/// geometry the output is, within one bf16 spacing, the f32 convolution of the bf16-rounded
+/// input and weight, rounded to bf16. So it is not the f32 convolution (the operands were
+/// cast), and the gradients are those of the rounded operands (the input gradient within one
+/// spacing, the weight gradient, a sum of per-image bf16 products, within 1e-2 of its largest
+/// element), not the f32 ones: the backward multiplies in bf16 too.
+#[test]
+fn conv2d_under_bf16_autocast_multiplies_in_bf16() {
+    let mut rng = StdRng::seed_from_u64(21);
+    for case in CONV_CASES {
+        let (.., s, p, d) = case;
+        let what = format!("conv2d {case:?}");
+        let inputs = conv_inputs(&mut rng, case, DType::F32);
+        let conv = |t: &[Tensor]| ops::conv2d(&t[0], &t[1], None, s, p, d);
+        let probe = conv(&inputs[..2]).unwrap();
+        // A bf16-representable upstream gradient, so that its cast is exact.
+        let r = round_bf16(&rand_tensor(&mut rng, probe.dims(), DType::F32));
+        let (y, g) = {
+            let _a = Autocast::bf16();
+            run(&inputs[..2], &r, true, &conv)
+        };
+        assert_eq!(y.dtype(), DType::F32, "{what}: autocast result dtype");
+        assert!(
+            g.iter().all(|g| g.dtype() == DType::F32),
+            "{what}: gradient dtype"
+        );
+        let rounded: Vec<Tensor> = inputs[..2].iter().map(round_bf16).collect();
+        let (y_ref, g_ref) = run(&rounded, &r, true, &conv);
+        let (y32, g32) = run(&inputs[..2], &r, true, &conv);
+        let u = bf16_ulps(&y, &round_bf16(&y_ref));
+        assert!(
+            u <= 1.0,
+            "{what}: output {u} bf16 spacings from the rounded-operand conv"
+        );
+        assert!(
+            rel_diff(&y, &y32) > 1e-4,
+            "{what}: output equals the f32 convolution: no cast"
+        );
+        // The input gradient is one product per element: the rounded one. The weight gradient
+        // sums per-image bf16 products in f32: bf16's error relative to its largest element.
+        let u = bf16_ulps(&g[0], &round_bf16(&g_ref[0]));
+        assert!(u <= 1.0, "{what}: input gradient {u} bf16 spacings off");
+        let d = rel_diff(&g[1], &g_ref[1]);
+        assert!(
+            d <= 1e-2,
+            "{what}: weight gradient {d:e} from the rounded-operand one"
+        );
+        for (i, name) in ["input", "weight"].iter().enumerate() {
+            assert!(
+                rel_diff(&g[i], &g32[i]) > 1e-4,
+                "{what}: {name} gradient equals the f32 one: the backward ran in f32"
+            );
+        }
+    }
+}
+
+/// The transposed convolution's GEMM (the U-Net decoder) runs in bf16 under autocast, forward
+/// and backward, and hands back f32; f64 tensors are never cast (1e-12); autocast off again
+/// gives the f32 result bit for bit; and only 16-bit float types are accepted.
+#[test]
+fn conv_transpose_and_f64_under_bf16_autocast() {
+    let mut rng = StdRng::seed_from_u64(22);
+    let inputs = vec![
+        rand_tensor(&mut rng, &[2, 6, 5, 4], DType::F32),
+        rand_tensor(&mut rng, &[6, 3, 2, 2], DType::F32),
+    ];
+    let convt = |t: &[Tensor]| ops::conv_transpose2d(&t[0], &t[1], None, 2);
+    let r = round_bf16(&rand_tensor(&mut rng, &[2, 3, 10, 8], DType::F32));
+    let (y, g) = {
+        let _a = Autocast::bf16();
+        run(&inputs, &r, false, &convt)
+    };
+    let (y32, g32) = run(&inputs, &r, false, &convt);
+    assert_eq!(y.dtype(), DType::F32);
+    assert!(rel_diff(&y, &y32) > 1e-4, "convt output: no cast");
+    assert!(
+        rel_diff(&y, &y32) < 1e-2,
+        "convt output: {}",
+        rel_diff(&y, &y32)
+    );
+    for (a, b) in g.iter().zip(&g32) {
+        assert_eq!(a.dtype(), DType::F32);
+        let d = rel_diff(a, b);
+        assert!(d > 1e-4 && d < 2e-2, "convt gradient vs f32: {d:e}");
+    }
+    // f64 stays f64, bit for bit.
+    let x64 = rand_tensor(&mut rng, &[1, 2, 6, 6], DType::F64);
+    let w64 = rand_tensor(&mut rng, &[3, 2, 3, 3], DType::F64);
+    let plain = ops::conv2d(&x64, &w64, None, 1, 1, 1).unwrap();
+    let cast = {
+        let _a = Autocast::bf16();
+        ops::conv2d(&x64, &w64, None, 1, 1, 1).unwrap()
+    };
+    assert_eq!(cast.dtype(), DType::F64);
+    // (Autocast takes the generic path, whose f64 rounding differs from the custom op's.)
+    let d = rel_diff(&cast, &plain);
+    assert!(d < 1e-12, "f64 was cast: {d:e}");
+    // Off again: the f32 result.
+    let (y_after, _) = run(&inputs, &r, false, &convt);
+    assert_eq!(max_abs(&(&y_after - &y32).unwrap()), 0.0);
+    assert!(ops::set_autocast(Some(DType::F32)).is_err());
+    assert_eq!(ops::autocast(), None);
+}

@@ -224,9 +224,10 @@ pub enum Loss {
     CeDice,
 }
 
-/// The number format training computes in (`train.precision`). Only `f32` runs today:
-/// [`Experiment::validate`] refuses the others on `train.device = "cpu"`, and the train stage
-/// refuses them on the device `auto`/`cuda` selects (`model::device::check_precision`).
+/// The number format training computes in (`train.precision`): `f32` everywhere; `tf32` (TF32
+/// GEMMs) and `bf16` (autocast of the convolutions and GEMMs, f32 master weights) on CUDA only.
+/// [`Experiment::validate`] refuses them on `train.device = "cpu"`, and the train stage on a
+/// CPU that `auto` selects (`model::device::check_precision`, `apply_precision`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
@@ -283,7 +284,7 @@ pub struct TrainConfig {
     pub seed: u64,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     pub device: String,
-    /// `f32` (the only one any device runs yet), `tf32` or `bf16`.
+    /// `f32`; `tf32` or `bf16` on CUDA (see [`Precision`]).
     pub precision: Precision,
     /// Activation recomputation per ResNet stage (layer1..layer4): each stage keeps only its
     /// input and output between the forward and the backward pass, whose start runs the stage
@@ -728,7 +729,7 @@ impl Experiment {
             bad(
                 "train.precision",
                 format!(
-                    "{:?} is not supported on train.device = \"cpu\", which trains in f32 only: \
+                    "{:?} runs on CUDA only, and train.device = \"cpu\" trains in f32: \
                      remove the key or set it to \"f32\"",
                     t.precision.as_str()
                 ),

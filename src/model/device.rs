@@ -40,19 +40,66 @@ pub fn select(spec: &str) -> Result<Device> {
     })
 }
 
-/// Refuse a `train.precision` that `device` cannot train in. Every device trains in `f32`
-/// only, for now: the model, the losses and the optimiser state are f32 throughout. This is
-/// the one place that decides; a device that gains bf16 (CUDA) is allowed here.
+/// Refuse a `train.precision` that `device` cannot train in. `f32` trains everywhere; `tf32`
+/// and `bf16` are CUDA's (tensor-core products); the CPU kernels are f32 (and f64) only, and a
+/// bf16 product there would be an f32 one, widened and rounded, slower than f32. This is the one
+/// place that decides; [`apply_precision`] turns the allowed one on.
 pub fn check_precision(precision: Precision, device: &Device) -> Result<()> {
-    match precision {
-        Precision::F32 => Ok(()),
-        other => bail!(
-            "train.precision = {:?} is not supported on the {} device yet: driveline trains in \
-             f32 only (remove the key or set train.precision = \"f32\")",
+    check_precision_on(precision, kind(device))
+}
+
+fn check_precision_on(precision: Precision, kind: &str) -> Result<()> {
+    match (precision, kind) {
+        (Precision::F32, _) | (Precision::Tf32 | Precision::Bf16, "cuda") => Ok(()),
+        (other, kind) => bail!(
+            "train.precision = {:?} runs on CUDA only, not on the {kind} device, which trains in              f32 (remove the key or set train.precision = \"f32\")",
             other.as_str(),
-            kind(device)
         ),
     }
+}
+
+/// What [`apply_precision`] turned on; dropping it restores the previous settings.
+#[must_use = "the precision reverts when the guard is dropped"]
+pub struct PrecisionGuard {
+    autocast: Option<candle_core::DType>,
+    tf32: bool,
+}
+
+impl Drop for PrecisionGuard {
+    fn drop(&mut self) {
+        // Restoring a setting that was valid before cannot fail.
+        let _ = crate::model::ops::set_autocast(self.autocast);
+        candle_core::cuda::set_gemm_reduced_precision_f32(self.tf32);
+    }
+}
+
+/// Turns `precision` on for training on `device` (after [`check_precision`]), until the guard
+/// drops:
+/// - `f32`: nothing; f32 products throughout.
+/// - `tf32`: cuBLAS f32 GEMMs on TF32 tensor cores (10-bit mantissa products, f32 sums):
+///   Candle's process-wide `set_gemm_reduced_precision_f32`, PyTorch's
+///   `torch.backends.cuda.matmul.allow_tf32 = True`.
+/// - `bf16`: autocast of the convolutions and GEMMs to bf16 with f32 master weights, optimiser
+///   state, BatchNorm and loss, on the calling thread ([`crate::model::ops::set_autocast`]).
+pub fn apply_precision(precision: Precision, device: &Device) -> Result<PrecisionGuard> {
+    check_precision(precision, device)?;
+    enable_precision(precision)
+}
+
+/// [`apply_precision`] without the device check: the benchmarks emulate bf16 on the CPU with it.
+pub fn enable_precision(precision: Precision) -> Result<PrecisionGuard> {
+    let guard = PrecisionGuard {
+        autocast: crate::model::ops::autocast(),
+        tf32: candle_core::cuda::gemm_reduced_precision_f32(),
+    };
+    match precision {
+        Precision::F32 => {}
+        Precision::Tf32 => candle_core::cuda::set_gemm_reduced_precision_f32(true),
+        Precision::Bf16 => {
+            crate::model::ops::set_autocast(Some(candle_core::DType::BF16))?;
+        }
+    }
+    Ok(guard)
 }
 
 /// The device's kind, as `train.device` names it.
@@ -275,7 +322,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_f32_trains_for_now() {
+    fn reduced_precisions_train_on_cuda_only() {
         assert!(check_precision(Precision::F32, &Device::Cpu).is_ok());
         for (p, name) in [(Precision::Bf16, "\"bf16\""), (Precision::Tf32, "\"tf32\"")] {
             let err = check_precision(p, &Device::Cpu).unwrap_err().to_string();
@@ -283,6 +330,45 @@ mod tests {
                 err.contains(&format!("train.precision = {name}")) && err.contains("cpu"),
                 "{err}"
             );
+            assert!(check_precision_on(p, "cuda").is_ok());
+            assert!(check_precision_on(p, "metal").is_err());
         }
+        assert!(check_precision_on(Precision::F32, "cuda").is_ok());
+    }
+
+    #[test]
+    fn apply_precision_refuses_and_restores() {
+        // f32 on the CPU changes nothing; a refused precision changes nothing either.
+        let before = crate::model::ops::autocast();
+        drop(apply_precision(Precision::F32, &Device::Cpu).unwrap());
+        assert!(apply_precision(Precision::Bf16, &Device::Cpu).is_err());
+        assert_eq!(crate::model::ops::autocast(), before);
+        // The guard restores what was set before it, whatever that was.
+        let prev = crate::model::ops::set_autocast(Some(candle_core::DType::BF16)).unwrap();
+        drop(apply_precision(Precision::F32, &Device::Cpu).unwrap());
+        assert_eq!(
+            crate::model::ops::autocast(),
+            Some(candle_core::DType::BF16)
+        );
+        crate::model::ops::set_autocast(prev).unwrap();
+    }
+
+    #[test]
+    fn bf16_turns_autocast_on_while_the_guard_lives() {
+        let before = crate::model::ops::autocast();
+        let guard = enable_precision(Precision::Bf16).unwrap();
+        assert_eq!(
+            crate::model::ops::autocast(),
+            Some(candle_core::DType::BF16)
+        );
+        drop(guard);
+        assert_eq!(crate::model::ops::autocast(), before);
+        let guard = enable_precision(Precision::Tf32).unwrap();
+        assert_eq!(
+            crate::model::ops::autocast(),
+            before,
+            "tf32 is not autocast"
+        );
+        drop(guard);
     }
 }

@@ -35,6 +35,7 @@ use candle_core::{
 
 thread_local! {
     static FORCE_GENERIC: Cell<bool> = const { Cell::new(false) };
+    static AUTOCAST: Cell<Option<DType>> = const { Cell::new(None) };
 }
 
 /// Test-only switch: with `true`, every op in [`super`] takes its device-generic path on CPU
@@ -50,10 +51,86 @@ pub fn generic_forced() -> bool {
     FORCE_GENERIC.with(|f| f.get())
 }
 
-/// Whether the CPU custom-op kernels handle `x`: a CPU f32/f64 tensor and the generic path not
-/// forced. Everything else takes this module's path.
+/// Whether the CPU custom-op kernels handle `x`: a CPU f32/f64 tensor, the generic path not
+/// forced and no [`set_autocast`] in effect. Everything else takes this module's path.
 pub(crate) fn cpu_custom(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && !generic_forced()
+    x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && !generic_forced()
+        && autocast().is_none()
+}
+
+/// Mixed precision for the products, PyTorch's `torch.autocast(dtype=torch.bfloat16)`
+/// (`train.precision = "bf16"`), on the calling thread: with `Some(BF16)` (or `F16`), every
+/// convolution (forward, input gradient, weight gradient) and the transposed convolution's GEMM
+/// casts its f32 operands to that dtype, multiplies there (cuBLAS and cuDNN accumulate in f32 and
+/// round the result to bf16; Candle's CPU kernels do the same by widening), and hands its result
+/// back as f32. Everything else stays f32: BatchNorm, ReLU, pooling, the resize, the loss, the
+/// weights (the master copy the optimiser updates) and its state. Unlike PyTorch, the results go
+/// back to f32 at once, so the activations kept for the backward are f32 (the same memory as
+/// without autocast; `train.recompute` is what lowers it). f64 tensors are never cast.
+///
+/// While it is on, every op takes the device-generic path, on the CPU too (the CPU custom
+/// kernels are f32/f64 only): that is how the CPU tests prove the cast is where it should be.
+/// `None` turns it off. Returns the previous setting; any other dtype is an error.
+pub fn set_autocast(dtype: Option<DType>) -> Result<Option<DType>> {
+    if let Some(dt) = dtype {
+        if !matches!(dt, DType::BF16 | DType::F16) {
+            candle_core::bail!("autocast: {dt:?} is not a 16-bit float type (bf16, f16)");
+        }
+    }
+    Ok(AUTOCAST.with(|a| a.replace(dtype)))
+}
+
+/// The [`set_autocast`] setting of this thread.
+pub fn autocast() -> Option<DType> {
+    AUTOCAST.with(|a| a.get())
+}
+
+/// How the products of one op run under the current [`set_autocast`]: the dtype of the op's
+/// tensors (`out`) and the dtype of the products (`prod`: the autocast dtype for f32 tensors,
+/// else `out`). Captured by the forward, so the backward multiplies the same way.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Prod {
+    out: DType,
+    prod: DType,
+    /// Candle's CPU convolution has no bf16 GEMM: on the CPU the operands and results are
+    /// rounded to `prod` and kept in `out`, which gives the values of a bf16 GEMM with f32
+    /// accumulation (the product of two bf16 numbers is exact in f32).
+    emulate: bool,
+}
+
+impl Prod {
+    pub(crate) fn of(x: &Tensor) -> Self {
+        let prod = match autocast() {
+            Some(dt) if x.dtype() == DType::F32 => dt,
+            _ => x.dtype(),
+        };
+        Self {
+            out: x.dtype(),
+            prod,
+            emulate: x.device().is_cpu() && prod != x.dtype(),
+        }
+    }
+
+    /// An operand of a product.
+    pub(crate) fn operand(&self, t: &Tensor) -> Result<Tensor> {
+        if self.emulate {
+            t.to_dtype(self.prod)?.to_dtype(self.out)
+        } else {
+            t.to_dtype(self.prod)
+        }
+    }
+
+    /// A product's result in the op's dtype (rounded to `prod` first, as a GEMM in `prod`
+    /// writes it).
+    pub(crate) fn result(&self, t: &Tensor) -> Result<Tensor> {
+        if self.emulate {
+            t.to_dtype(self.prod)?.to_dtype(self.out)
+        } else {
+            t.to_dtype(self.out)
+        }
+    }
 }
 
 /// Most elements of one im2col-style buffer: 2³⁰, well inside Candle's `u32` launch sizes.
@@ -480,8 +557,9 @@ fn pointwise_fwd(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         .reshape((n, o, h, wd))
 }
 
-/// Gradients of [`pointwise_fwd`]: `gx_n = Wᵀ·gy_n`, `gW = Σ_n gy_n·x_nᵀ`.
-fn pointwise_bwd(x: &Tensor, w: &Tensor, gy: &Tensor) -> Result<(Tensor, Tensor)> {
+/// Gradients of [`pointwise_fwd`]: `gx_n = Wᵀ·gy_n`, `gW = Σ_n gy_n·x_nᵀ`, on operands in
+/// `p`'s product form; the results in the op's dtype, where the sum over images is taken.
+fn pointwise_bwd(x: &Tensor, w: &Tensor, gy: &Tensor, p: Prod) -> Result<(Tensor, Tensor)> {
     let (n, c, h, wd) = x.dims4()?;
     let o = w.dim(0)?;
     let gy3 = gy.contiguous()?.reshape((n, o, h * wd))?;
@@ -490,10 +568,10 @@ fn pointwise_bwd(x: &Tensor, w: &Tensor, gy: &Tensor) -> Result<(Tensor, Tensor)
         .t()?
         .unsqueeze(0)?
         .broadcast_as((n, c, o))?;
-    let gx = wt.matmul(&gy3)?.reshape((n, c, h, wd))?;
+    let gx = p.result(&wt.matmul(&gy3)?.reshape((n, c, h, wd))?)?;
     let x3 = x.contiguous()?.reshape((n, c, h * wd))?;
-    let gw = gy3
-        .matmul(&x3.transpose(1, 2)?)?
+    let gw = p
+        .result(&gy3.matmul(&x3.transpose(1, 2)?)?)?
         .sum(0)?
         .reshape((o, c, 1, 1))?;
     Ok((gx, gw))
@@ -552,8 +630,9 @@ fn conv_input_grad(w: &Tensor, gy: &Tensor, g: &Geom) -> Result<Tensor> {
 
 /// Weight gradient `gW = Σ gy · im2col(x)ᵀ`: a GEMM per band of images (or of output rows of
 /// one image) with an im2col matrix of at most [`BAND_ELEMS`] elements, built from strided
-/// slices of the zero-padded input.
-fn conv_weight_grad(x: &Tensor, gy: &Tensor, g: &Geom) -> Result<Tensor> {
+/// slices of the zero-padded input. Operands in `prod`'s product form; each band's product comes
+/// back in the op's dtype, where the bands and images are summed.
+fn conv_weight_grad(x: &Tensor, gy: &Tensor, g: &Geom, prod: Prod) -> Result<Tensor> {
     let (kk, p) = (g.kh * g.kw, g.padding);
     let per_row = g.c * kk * g.wo;
     let rows = (BAND_ELEMS / per_row).clamp(1, g.ho);
@@ -586,7 +665,7 @@ fn conv_weight_grad(x: &Tensor, gy: &Tensor, g: &Geom) -> Result<Tensor> {
                 .narrow(2, r0, nr)?
                 .contiguous()?
                 .reshape((nb, g.o, nr * g.wo))?;
-            let part = gyb.matmul(&cols.transpose(1, 2)?)?.sum(0)?;
+            let part = prod.result(&gyb.matmul(&cols.transpose(1, 2)?)?)?.sum(0)?;
             acc = Some(match acc {
                 Some(a) => (a + part)?,
                 None => part,
@@ -617,16 +696,26 @@ pub(crate) fn conv2d(
         let xs = take_strided(&xs, 3, 0, g.wo, g.stride)?;
         return conv2d(&xs, w, 1, 0, 1);
     }
-    let y = on_device(conv_fwd(&x.detach(), &w.detach(), &g), what, &dev)?;
+    // Under autocast the operands are cast for the products (in the backward too, with the
+    // setting of the forward) and the results come back in the input's dtype.
+    let p = Prod::of(x);
+    let fwd = || {
+        p.result(&conv_fwd(
+            &p.operand(&x.detach())?,
+            &p.operand(&w.detach())?,
+            &g,
+        )?)
+    };
+    let y = on_device(fwd(), what, &dev)?;
     attach2("driveline-generic-conv2d", y, x, w, move |x, w, _, gy| {
-        if g.pointwise() {
-            let (gx, gw) = pointwise_bwd(x, w, gy)?;
-            return Ok((Some(gx), Some(gw)));
-        }
-        Ok((
-            Some(conv_input_grad(w, gy, &g)?),
-            Some(conv_weight_grad(x, gy, &g)?),
-        ))
+        let (x, w, gy) = (p.operand(x)?, p.operand(w)?, p.operand(gy)?);
+        let (gx, gw) = if g.pointwise() {
+            pointwise_bwd(&x, &w, &gy, p)?
+        } else {
+            let gx = p.result(&conv_input_grad(&w, &gy, &g)?)?;
+            (gx, conv_weight_grad(&x, &gy, &g, p)?)
+        };
+        Ok((Some(gx), Some(gw)))
     })
 }
 

@@ -14,7 +14,7 @@ mod relu;
 mod resize;
 
 pub use batchnorm::BatchNorm2d;
-pub use generic::{generic_forced, set_force_generic};
+pub use generic::{autocast, generic_forced, set_autocast, set_force_generic};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -136,11 +136,17 @@ pub fn conv_transpose2d(
 
 /// [`conv_transpose2d`] without bias from Candle ops: [N·H·W, C] · [C, O·s·s], then
 /// [N, H, W, O, s, s] -> [N, O, H, s, W, s]. Shapes are checked by the caller.
+/// Under [`set_autocast`] the GEMM runs in the autocast dtype (Candle's autograd casts the
+/// gradients back).
 fn conv_transpose2d_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, c, h, wd) = x.dims4()?;
     let (_, o, s, _) = w.dims4()?;
+    let p = generic::Prod::of(x);
     let cols = x.permute((0, 2, 3, 1))?.reshape((n * h * wd, c))?;
-    cols.matmul(&w.reshape((c, o * s * s))?)?
+    let y = p
+        .operand(&cols)?
+        .matmul(&p.operand(&w.reshape((c, o * s * s))?)?)?;
+    p.result(&y)?
         .reshape(vec![n, h, wd, o, s, s])?
         .permute(vec![0, 3, 1, 4, 2, 5])?
         .reshape((n, o, h * s, wd * s))

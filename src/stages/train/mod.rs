@@ -174,6 +174,8 @@ fn train(
 ) -> Result<()> {
     check_data(&exp.train, ds)?;
     let mut s = setup(exp, progress)?;
+    // train.precision for the whole stage: the products of training and of validation.
+    let _precision = device::apply_precision(exp.train.precision, &s.device)?;
     let plan = period_plan(&exp.train, ds.train.len());
     let mut state = resume(out, &mut s, &plan, progress)?;
     let data = TrainData::new(exp, &ds.train);
