@@ -23,6 +23,9 @@
 //!   backward keeps only the input, the output and two [C] vectors, and reduces Σg and Σg·x̂.
 //! - max-pool: the gradient goes to the first maximum of each window in scan order, found again
 //!   in the backward from the input and the output (no index tensor is kept).
+//!
+//! Mixed precision (`train.precision = "bf16"`) lives here too: [`set_autocast`] makes the
+//! convolutions multiply in bf16, forward and backward, with f32 everywhere else.
 
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -64,8 +67,8 @@ pub(crate) fn cpu_custom(x: &Tensor) -> bool {
 /// (`train.precision = "bf16"`), on the calling thread: with `Some(BF16)` (or `F16`), every
 /// convolution (forward, input gradient, weight gradient) and the transposed convolution's GEMM
 /// casts its f32 operands to that dtype, multiplies there (cuBLAS and cuDNN accumulate in f32 and
-/// round the result to bf16; Candle's CPU kernels do the same by widening), and hands its result
-/// back as f32. Everything else stays f32: BatchNorm, ReLU, pooling, the resize, the loss, the
+/// round the result to bf16; on the CPU the same values are emulated, see `Prod`), and hands
+/// its result back as f32. Everything else stays f32: BatchNorm, ReLU, pooling, the resize, the loss, the
 /// weights (the master copy the optimiser updates) and its state. Unlike PyTorch, the results go
 /// back to f32 at once, so the activations kept for the backward are f32 (the same memory as
 /// without autocast; `train.recompute` is what lowers it). f64 tensors are never cast.
