@@ -354,9 +354,10 @@ impl Default for BenchOpts {
 }
 
 /// `precision` turned on for a benchmark on `dev`, as the train stage does, and its label
-/// (`None` for f32). On the CPU, which does not train in bf16, bf16 is emulated (Candle's CPU
-/// kernels widen bf16 products to f32 and round the results), so that the GPU check's bf16
-/// commands can be tried on a machine without a GPU; the timing means nothing there. TF32 has
+/// (`None` for f32). On the CPU, which does not train in bf16, bf16 is emulated (the generic
+/// path rounds the products' operands and results to bf16, `ops::set_autocast`), so that the
+/// GPU check's bf16 commands can be tried on a machine without a GPU; the timing means nothing
+/// there. TF32 has
 /// no CPU form and is refused.
 fn bench_precision(
     precision: Precision,
@@ -417,8 +418,7 @@ pub struct AgreeResult {
 }
 
 /// `bench agree`'s loss tolerance with bf16 products (unit roundoff 2⁻⁸ against f32's 2⁻²⁴).
-/// Measured on the CPU's emulation, 3 SGD
-/// steps of R50 at batch 2: 7.3e-3 from float64 at 64 px, 3.8e-3 at 128 px (2026-11-28). One
+/// Measured on the CPU's emulation, 3 SGD steps of R50 at batch 2: 7.3e-3 from float64 at 64 px, 3.8e-3 at 128 px (2026-11-28). One
 /// step of PyTorch's own bf16 autocast on R50 at 48 px is 1.2e-2 from float64. So 3e-2, bf16's
 /// error with margin. (A product left in f32 would pass it too: that the casts happen is what
 /// `tests/ops_generic.rs` and `tests/generic_step.rs` check.)
@@ -483,14 +483,16 @@ fn max_rel(a: &[f64], b: &[f64]) -> f64 {
 /// differences and eval-mode prediction agreement afterwards.
 ///
 /// The criterion (loss within 1e-3 relative, 1e-2 with TF32 matmuls; ≥ 99.9 % of pixels)
-/// is reported as `pass`. With bf16 products (8-bit mantissas) the tolerances are
-/// [`BF16_LOSS_TOLERANCE`] and [`BF16_MIN_PIXEL_AGREEMENT`]. It does not hold between two correct float32 implementations on this
+/// is reported as `pass`. It does not hold between two correct float32 implementations on this
 /// network: a DeepLabV3 training step at initialisation amplifies float32 rounding through its
 /// training-mode BatchNorms (the gradients of either CPU path differ from float64 by a few %
 /// in norm at 64 px, 0.3 ppm in eval mode), and the CPU custom ops and the generic path, both
 /// on the CPU, end 3 steps 0.4–1.5 % apart at 64–128 px. So the exit status is `pass_vs_f64`:
 /// the device must be as close to the float64 steps as the tolerance or twice the CPU's own
 /// float32 error, whichever is larger, with the pixels agreeing.
+///
+/// With bf16 products the tolerances are [`BF16_LOSS_TOLERANCE`] and
+/// [`BF16_MIN_PIXEL_AGREEMENT`].
 ///
 /// The steps are SGD (lr 1e-3, momentum 0.9) unless `adam`: the loss after an SGD step moves
 /// with the gradient linearly, so a wrong gradient shows; Adam's first steps move every weight

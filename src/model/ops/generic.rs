@@ -68,9 +68,9 @@ pub(crate) fn cpu_custom(x: &Tensor) -> bool {
 /// convolution (forward, input gradient, weight gradient) and the transposed convolution's GEMM
 /// casts its f32 operands to that dtype, multiplies there (cuBLAS and cuDNN accumulate in f32 and
 /// round the result to bf16; on the CPU the same values are emulated, see `Prod`), and hands
-/// its result back as f32. Everything else stays f32: BatchNorm, ReLU, pooling, the resize, the loss, the
-/// weights (the master copy the optimiser updates) and its state. Unlike PyTorch, the results go
-/// back to f32 at once, so the activations kept for the backward are f32 (the same memory as
+/// its result back as f32. Everything else stays f32: BatchNorm, ReLU, pooling, the resize, the
+/// loss, the weights (the master copy the optimiser updates) and its state. Unlike PyTorch, the
+/// results go back to f32 at once, so the activations kept for the backward are f32 (the same memory as
 /// without autocast; `train.recompute` is what lowers it). f64 tensors are never cast.
 ///
 /// While it is on, every op takes the device-generic path, on the CPU too (the CPU custom
