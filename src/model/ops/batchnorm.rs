@@ -254,6 +254,37 @@ fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]>
     }
 }
 
+/// Partial sums kept apart in the reductions below: independent f64 accumulators that the
+/// compiler vectorises (one running sum is bound by the latency of each addition). The order is
+/// fixed, so results do not depend on the thread count.
+const SUM_LANES: usize = 8;
+
+/// `(Σ f(a, b), Σ g(a, b))` over pairs of `a` and `b` (equal lengths), in f64.
+fn pair_sums<T: WithDType>(
+    a: &[T],
+    b: &[T],
+    f: impl Fn(f64, f64) -> f64,
+    g: impl Fn(f64, f64) -> f64,
+) -> (f64, f64) {
+    let (mut sf, mut sg) = ([0f64; SUM_LANES], [0f64; SUM_LANES]);
+    let (ca, cb) = (a.chunks_exact(SUM_LANES), b.chunks_exact(SUM_LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for k in 0..SUM_LANES {
+            let (u, v) = (xa[k].to_f64(), xb[k].to_f64());
+            sf[k] += f(u, v);
+            sg[k] += g(u, v);
+        }
+    }
+    let (mut tf, mut tg) = (sf.iter().sum::<f64>(), sg.iter().sum::<f64>());
+    for (u, v) in ra.iter().zip(rb) {
+        let (u, v) = (u.to_f64(), v.to_f64());
+        tf += f(u, v);
+        tg += g(u, v);
+    }
+    (tf, tg)
+}
+
 /// Per-channel mean and biased variance of `x` [N, C, HW] (f64 accumulation).
 fn channel_stats<T: WithDType>(x: &[T], c: usize, hw: usize) -> (Vec<f64>, Vec<f64>) {
     let count = (x.len() / c) as f64;
@@ -262,10 +293,7 @@ fn channel_stats<T: WithDType>(x: &[T], c: usize, hw: usize) -> (Vec<f64>, Vec<f
         .map(|ch| {
             let (mut s, mut s2) = (0.0f64, 0.0f64);
             for plane in x.chunks_exact(hw).skip(ch).step_by(c) {
-                let (ps, ps2) = plane.iter().fold((0.0f64, 0.0f64), |(a, b), v| {
-                    let v = v.to_f64();
-                    (a + v, b + v * v)
-                });
+                let (ps, ps2) = pair_sums(plane, plane, |v, _| v, |v, _| v * v);
                 s += ps;
                 s2 += ps2;
             }
@@ -344,13 +372,11 @@ impl BnTrain {
                     .skip(ch)
                     .step_by(c);
                 for (xp, gp) in planes {
-                    for (xv, gv) in xp.iter().zip(gp) {
-                        let g = gv.to_f64();
-                        a += g;
-                        b += g * (xv.to_f64() - mean) * inv;
-                    }
+                    let (pa, pb) = pair_sums(gp, xp, |g, _| g, |g, x| g * (x - mean));
+                    a += pa;
+                    b += pb;
                 }
-                (a, b)
+                (a, b * inv)
             })
             .unzip();
         let mut gx = vec![T::from_f64(0.0); x.len()];

@@ -71,11 +71,21 @@ impl Geom {
         }
     }
 
-    /// Output element of `Z[r, i·W + j]`, `r = (o·s + a)·s + b`, within one image's output.
-    fn out_index(&self, r: usize, i: usize, j: usize) -> usize {
-        let (s, wo) = (self.s, self.w * self.s);
-        let (o, a, b) = (r / (s * s), (r / s) % s, r % s);
-        o * self.h * s * wo + (i * s + a) * wo + j * s + b
+    /// Writes one image's output `y` [O, H·s, W·s] row by row, each output row `(o, a, i)`
+    /// interleaving the `s` rows `src(o·s + a, b, i)` (b < s) of `Z` (the pixel shuffle), so
+    /// that every output line is written once, in order.
+    fn shuffle<'z, T: Copy + 'z>(&self, y: &mut [T], src: impl Fn(usize, usize, usize) -> &'z [T]) {
+        let s = self.s;
+        for (row, out) in y.chunks_exact_mut(self.w * s).enumerate() {
+            let (o, r) = (row / (self.h * s), row % (self.h * s));
+            let (a, i) = (r % s, r / s);
+            for b in 0..s {
+                let zr = src(o * s + a, b, i);
+                for (d, v) in out.iter_mut().skip(b).step_by(s).zip(zr) {
+                    *d = *v;
+                }
+            }
+        }
     }
 }
 
@@ -91,13 +101,7 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
             let mut z = vec![T::from_f64(0.0); rows * p];
             for (xi, yi) in xs.chunks_exact(g.c * p).zip(ys.chunks_exact_mut(rows * p)) {
                 matmul(&mut z, p, wt, MatRef::row_major(xi, g.c, p), false, par);
-                for (r, zr) in z.chunks_exact(p).enumerate() {
-                    for i in 0..g.h {
-                        for j in 0..g.w {
-                            yi[g.out_index(r, i, j)] = zr[i * g.w + j];
-                        }
-                    }
-                }
+                g.shuffle(yi, |oa, b, i| &z[(oa * g.s + b) * p + i * g.w..][..g.w]);
             }
         });
     y
@@ -105,11 +109,14 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// `gZ` [O·s·s, H·W] of one image from its output gradient.
 fn gather<T: WithDType>(g: &Geom, gy: &[T], gz: &mut [T]) {
-    let p = g.p();
-    for (r, zr) in gz.chunks_exact_mut(p).enumerate() {
-        for i in 0..g.h {
-            for j in 0..g.w {
-                zr[i * g.w + j] = gy[g.out_index(r, i, j)];
+    let (p, s, wo) = (g.p(), g.s, g.w * g.s);
+    // Output row (o, a, i) of gy holds, interleaved, rows i of Z's rows (o, a, b) for b < s.
+    for (row, out) in gy.chunks_exact(wo).enumerate() {
+        let (oa, i) = (row / (g.h * s), row % (g.h * s));
+        let (oa, i) = (oa * s + i % s, i / s);
+        for (j, block) in out.chunks_exact(s).enumerate() {
+            for (b, v) in block.iter().enumerate() {
+                gz[(oa * s + b) * p + i * g.w + j] = *v;
             }
         }
     }

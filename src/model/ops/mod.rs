@@ -7,6 +7,7 @@ mod batchnorm;
 mod bias;
 mod conv;
 mod convt;
+mod direct;
 mod gemm;
 mod generic;
 mod pool;
@@ -14,6 +15,7 @@ mod relu;
 mod resize;
 
 pub use batchnorm::BatchNorm2d;
+pub use conv::{direct_conv_available, set_direct_conv};
 pub use generic::{autocast, generic_forced, set_autocast, set_force_generic};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +38,9 @@ pub fn conv_flops() -> u64 {
 /// symmetric `padding`, `stride`, `dilation`; groups = 1.
 ///
 /// On CPU (f32/f64) this is an im2col + GEMM custom op whose backward also runs on GEMM (Candle's
-/// CPU input gradient is a naive transposed convolution); elsewhere (and with
+/// CPU input gradient is a naive transposed convolution), except f32 3×3 stride-1 "same"
+/// convolutions on x86-64 CPUs with AVX2 and FMA, which run direct kernels without im2col
+/// (`direct.rs`; [`set_direct_conv`] turns them off); elsewhere (and with
 /// [`set_force_generic`]) the device-generic formulation: Candle's conv2d forward, the input
 /// gradient as a forward convolution, the weight gradient as a GEMM (see `generic.rs`).
 /// The padding may exceed the image (ASPP's dilated branches on small inputs).
