@@ -19,15 +19,34 @@ use common::{parse_stages, ran, synthetic_exp, Project};
 static SLURM: Mutex<()> = Mutex::new(());
 
 /// Whether the cluster is up; panics (with how to start it) unless DRIVELINE_SKIP_SLURM=1.
+///
+/// A node still finishing the previous test's jobs reports `completing` (a `*`, `~` or `#`
+/// suffix marks transient states), so that counts as up, and a failed query is retried for up
+/// to 30 s before the cluster is declared down.
 fn slurm_up() -> bool {
-    let up = Command::new("sinfo")
-        .args(["-h", "-o", "%T"])
-        .output()
-        .is_ok_and(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| ["idle", "mixed", "allocated"].contains(&l.trim()))
-        });
+    let query = || {
+        Command::new("sinfo")
+            .args(["-h", "-o", "%T"])
+            .output()
+            .is_ok_and(|o| {
+                String::from_utf8_lossy(&o.stdout).lines().any(|l| {
+                    let state = l
+                        .trim()
+                        .trim_end_matches(['*', '~', '#', '!', '%', '$', '@']);
+                    ["idle", "mixed", "allocated", "completing"].contains(&state)
+                })
+            })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let up = loop {
+        if query() {
+            break true;
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    };
     if !up && std::env::var("DRIVELINE_SKIP_SLURM").as_deref() != Ok("1") {
         panic!(
             "Slurm is not running here: start the single-node test cluster with \
