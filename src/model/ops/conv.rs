@@ -135,8 +135,8 @@ thread_local! {
 
 /// Whether f32 3×3 "same" convolutions on this thread may take the direct AVX2 kernels of
 /// `direct.rs` (the default, where the CPU has AVX2 and FMA) rather than im2col + GEMM. Returns
-/// the previous setting. For tests and `bench --conv im2col`; results differ only by f32
-/// rounding.
+/// the previous setting. For tests and the `direct::speed` benchmark; results differ only by
+/// f32 rounding.
 pub fn set_direct_conv(on: bool) -> bool {
     DIRECT.with(|d| d.replace(on))
 }
@@ -854,7 +854,6 @@ impl CustomOp2 for Conv2d {
             self.padding,
             self.dilation,
         )?;
-        let plan = Plan::new(&g);
         let y = dispatch2(
             self.name(),
             s1,
@@ -863,9 +862,9 @@ impl CustomOp2 for Conv2d {
             l2,
             |x, w| match g.direct() {
                 Some(d) => d.forward(x, w),
-                None => forward(&g, &plan, x, w),
+                None => forward(&g, &Plan::new(&g), x, w),
             },
-            |x, w| forward(&g, &plan, x, w),
+            |x, w| forward(&g, &Plan::new(&g), x, w),
         )?;
         Ok((y, g.out_shape()))
     }
@@ -963,7 +962,6 @@ impl CustomOp2 for GradWeight {
                 g.out_shape()
             );
         }
-        let plan = Plan::new(g);
         let gw = dispatch2(
             self.name(),
             s1,
@@ -972,9 +970,9 @@ impl CustomOp2 for GradWeight {
             l2,
             |x, gy| match g.direct() {
                 Some(d) => d.grad_weight(x, gy),
-                None => grad_weight(g, &plan, x, gy),
+                None => grad_weight(g, &Plan::new(g), x, gy),
             },
-            |x, gy| grad_weight(g, &plan, x, gy),
+            |x, gy| grad_weight(g, &Plan::new(g), x, gy),
         )?;
         Ok((gw, Shape::from((g.o, g.c, g.kh, g.kw))))
     }

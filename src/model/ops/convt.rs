@@ -109,11 +109,12 @@ fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
 
 /// `gZ` [O·s·s, H·W] of one image from its output gradient.
 fn gather<T: WithDType>(g: &Geom, gy: &[T], gz: &mut [T]) {
-    let (p, s, wo) = (g.p(), g.s, g.w * g.s);
-    // Output row (o, a, i) of gy holds, interleaved, rows i of Z's rows (o, a, b) for b < s.
-    for (row, out) in gy.chunks_exact(wo).enumerate() {
-        let (oa, i) = (row / (g.h * s), row % (g.h * s));
-        let (oa, i) = (oa * s + i % s, i / s);
+    let (p, s) = (g.p(), g.s);
+    // The inverse of `Geom::shuffle`: output row (o, a, i) of gy holds, interleaved, row i of
+    // Z's rows (o·s + a)·s + b for b < s.
+    for (row, out) in gy.chunks_exact(g.w * s).enumerate() {
+        let (o, r) = (row / (g.h * s), row % (g.h * s));
+        let (oa, i) = (o * s + r % s, r / s);
         for (j, block) in out.chunks_exact(s).enumerate() {
             for (b, v) in block.iter().enumerate() {
                 gz[(oa * s + b) * p + i * g.w + j] = *v;

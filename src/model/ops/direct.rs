@@ -31,10 +31,11 @@
 //!   accumulators sum `gy · x` over a band of rows small enough to stay in L1, and are reduced
 //!   across lanes once per band. Per-image partial sums are added in image order.
 //!
-//! Sums are f32 in another order than the GEMM's. `tests/ops_conv.rs` compares these kernels
+//! Sums are f32 in another order than the GEMM's. `tests/ops_direct.rs` compares these kernels
 //! with the im2col path (which the f64 finite-difference checks of `tests/ops_grad.rs` cover)
 //! on random shapes and dilations.
 
+use super::gemm::sum_partials;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
@@ -243,14 +244,7 @@ impl Direct {
                 gw
             })
             .collect();
-        let mut parts = partials.into_iter();
-        let mut gw = parts.next().unwrap_or_else(|| vec![0f32; gw_len]);
-        for p in parts {
-            for (a, b) in gw.iter_mut().zip(&p) {
-                *a += *b;
-            }
-        }
-        gw
+        sum_partials(partials, self.o, self.c * 9, false)
     }
 }
 
@@ -301,25 +295,19 @@ mod avx2 {
     macro_rules! tile {
         ($ob:expr, $xb:expr, $f:ident($($a:expr),*)) => {
             match ($ob, $xb) {
-                (6, 3) => $f::<6, 3>($($a),*),
                 (6, 2) => $f::<6, 2>($($a),*),
                 (6, 1) => $f::<6, 1>($($a),*),
-                (5, 3) => $f::<5, 3>($($a),*),
                 (5, 2) => $f::<5, 2>($($a),*),
                 (5, 1) => $f::<5, 1>($($a),*),
-                (4, 3) => $f::<4, 3>($($a),*),
                 (4, 2) => $f::<4, 2>($($a),*),
                 (4, 1) => $f::<4, 1>($($a),*),
-                (3, 3) => $f::<3, 3>($($a),*),
                 (3, 2) => $f::<3, 2>($($a),*),
                 (3, 1) => $f::<3, 1>($($a),*),
-                (2, 3) => $f::<2, 3>($($a),*),
                 (2, 2) => $f::<2, 2>($($a),*),
                 (2, 1) => $f::<2, 1>($($a),*),
-                (1, 3) => $f::<1, 3>($($a),*),
                 (1, 2) => $f::<1, 2>($($a),*),
                 (1, 1) => $f::<1, 1>($($a),*),
-                _ => unreachable!("tile sizes are 1..=6 × 1..=3"),
+                _ => unreachable!("forward tiles are 1..=OB channels × 1..=XB vectors"),
             }
         };
     }
@@ -433,7 +421,24 @@ mod avx2 {
                         let x = xp.as_ptr().add(c * s.plane() + (i0 + ky * d) * wp);
                         let out = gw.as_mut_ptr().add((o * s.cin + c) * 9 + ky * 3);
                         let step = s.cin * 9;
-                        tile!(nb, 3, gw_tile(g, gy_plane, x, wp, w8, d, rows, out, step));
+                        let t = GwTile {
+                            g,
+                            gy_plane,
+                            x,
+                            wp,
+                            w8,
+                            d,
+                            rows,
+                            out,
+                            step,
+                        };
+                        match nb {
+                            4 => gw_tile::<4>(&t),
+                            3 => gw_tile::<3>(&t),
+                            2 => gw_tile::<2>(&t),
+                            1 => gw_tile::<1>(&t),
+                            _ => unreachable!("weight-gradient tiles are 1..=GW_OB channels"),
+                        }
                     }
                 }
                 o += nb;
@@ -442,12 +447,11 @@ mod avx2 {
         }
     }
 
-    /// Adds `Σ_{rows, lanes} gy[b] · x[· + kx·d]` to `out[b·step + kx]` for `NB` output channels
-    /// and the 3 horizontal taps (`NX` is always 3 here).
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn gw_tile<const NB: usize, const NX: usize>(
+    /// One weight-gradient tile's operands: `NB` output channels' `gy` rows from `g` (planes
+    /// `gy_plane` apart, rows `w8` apart), the input rows of one (c, ky) from `x` (rows `wp`
+    /// apart, taps `d` apart), `rows` rows; sums go to `out[b·step + kx]`.
+    #[derive(Clone, Copy)]
+    struct GwTile {
         g: *const f32,
         gy_plane: usize,
         x: *const f32,
@@ -457,13 +461,30 @@ mod avx2 {
         rows: usize,
         out: *mut f32,
         step: usize,
-    ) {
-        let mut acc = [[_mm256_setzero_ps(); NX]; NB];
+    }
+
+    /// Adds `Σ_{rows, lanes} gy[b] · x[· + kx·d]` to `out[b·step + kx]` for `NB` output channels
+    /// and the 3 horizontal taps.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gw_tile<const NB: usize>(t: &GwTile) {
+        let GwTile {
+            g,
+            gy_plane,
+            x,
+            wp,
+            w8,
+            d,
+            rows,
+            out,
+            step,
+        } = *t;
+        let mut acc = [[_mm256_setzero_ps(); 3]; NB];
         for r in 0..rows {
             let (gr, xr) = (g.add(r * w8), x.add(r * wp));
             let mut x0 = 0;
             while x0 < w8 {
-                let mut v = [_mm256_setzero_ps(); NX];
+                let mut v = [_mm256_setzero_ps(); 3];
                 for (kx, vk) in v.iter_mut().enumerate() {
                     *vk = _mm256_loadu_ps(xr.add(x0 + kx * d));
                 }
