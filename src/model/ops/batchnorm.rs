@@ -11,6 +11,7 @@ use candle_core::{
     CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var, WithDType,
 };
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 /// BatchNorm2d with PyTorch semantics.
 ///
@@ -304,6 +305,19 @@ fn channel_stats<T: WithDType>(x: &[T], c: usize, hw: usize) -> (Vec<f64>, Vec<f
     (mean, var)
 }
 
+/// A vector of `len` elements that `fill` writes, without zero-filling it first (the passes
+/// below write each output element once).
+///
+/// # Safety
+/// `fill` must initialise every one of the `len` elements it is given.
+unsafe fn filled<T: WithDType>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's promise.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// Fused training-mode normalisation (x, weight, bias) -> y with precomputed batch statistics.
 struct BnTrain {
     mean: Vec<f64>,
@@ -321,24 +335,27 @@ impl BnTrain {
                 (s, b[ch].to_f64() - self.mean[ch] * s)
             })
             .unzip();
-        let mut y = vec![T::from_f64(0.0); x.len()];
-        y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(i, (yp, xp))| {
-                let (s, t) = (scale[i % c], shift[i % c]);
-                if self.relu {
-                    for (yv, xv) in yp.iter_mut().zip(xp) {
-                        let v = xv.to_f64() * s + t;
-                        *yv = T::from_f64(if v > 0.0 { v } else { 0.0 });
-                    }
-                } else {
-                    for (yv, xv) in yp.iter_mut().zip(xp) {
-                        *yv = T::from_f64(xv.to_f64() * s + t);
-                    }
-                }
-            });
-        y
+        // SAFETY: the planes of `hw` elements cover `y`, and each element of each is written.
+        unsafe {
+            filled(x.len(), |y| {
+                y.par_chunks_mut(hw)
+                    .zip(x.par_chunks(hw))
+                    .enumerate()
+                    .for_each(|(i, (yp, xp))| {
+                        let (s, t) = (scale[i % c], shift[i % c]);
+                        if self.relu {
+                            for (yv, xv) in yp.iter_mut().zip(xp) {
+                                let v = xv.to_f64() * s + t;
+                                yv.write(T::from_f64(if v > 0.0 { v } else { 0.0 }));
+                            }
+                        } else {
+                            for (yv, xv) in yp.iter_mut().zip(xp) {
+                                yv.write(T::from_f64(xv.to_f64() * s + t));
+                            }
+                        }
+                    })
+            })
+        }
     }
 
     /// (gx, gw, gb) from x, weight, the output y and the output gradient gy.
@@ -351,14 +368,17 @@ impl BnTrain {
         hw: usize,
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
         let c = self.mean.len();
-        // The gradient reaching the normalisation: gy, zero where the ReLU clipped (one
-        // branch-free pass; a per-element branch here mispredicts on half the pixels).
-        let masked;
-        let gy = if self.relu {
-            masked = super::relu::relu_bwd(y, gy);
-            &masked[..]
-        } else {
-            gy
+        // The gradient reaching the normalisation is gy, zeroed where the ReLU clipped. It is
+        // masked one plane at a time, into a plane-sized buffer that stays in cache, by a
+        // branch-free pass (a per-element branch here mispredicts on half the pixels).
+        let mask = |gp: &[T], yp: &[T], out: &mut Vec<T>| {
+            out.clear();
+            let zero = T::from_f64(0.0);
+            out.extend(
+                gp.iter()
+                    .zip(yp)
+                    .map(|(&g, &v)| if v > zero { g } else { zero }),
+            );
         };
         let count = (x.len() / c) as f64;
         let (sum_gy, sum_gy_xhat): (Vec<f64>, Vec<f64>) = (0..c)
@@ -366,12 +386,18 @@ impl BnTrain {
             .map(|ch| {
                 let (mean, inv) = (self.mean[ch], self.invstd[ch]);
                 let (mut a, mut b) = (0.0f64, 0.0f64);
-                let planes = x
-                    .chunks_exact(hw)
-                    .zip(gy.chunks_exact(hw))
+                let mut buf = Vec::new();
+                let planes = (x.chunks_exact(hw).zip(gy.chunks_exact(hw)))
+                    .zip(y.chunks_exact(hw))
                     .skip(ch)
                     .step_by(c);
-                for (xp, gp) in planes {
+                for ((xp, gp), yp) in planes {
+                    let gp = if self.relu {
+                        mask(gp, yp, &mut buf);
+                        &buf[..]
+                    } else {
+                        gp
+                    };
                     let (pa, pb) = pair_sums(gp, xp, |g, _| g, |g, x| g * (x - mean));
                     a += pa;
                     b += pb;
@@ -379,20 +405,31 @@ impl BnTrain {
                 (a, b * inv)
             })
             .unzip();
-        let mut gx = vec![T::from_f64(0.0); x.len()];
-        gx.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw).zip(gy.par_chunks(hw)))
-            .enumerate()
-            .for_each(|(i, (gxp, (xp, gp)))| {
-                let ch = i % c;
-                let (mean, inv) = (self.mean[ch], self.invstd[ch]);
-                let k = w[ch].to_f64() * inv;
-                let (mg, mgx) = (sum_gy[ch] / count, sum_gy_xhat[ch] / count);
-                for ((o, xv), gv) in gxp.iter_mut().zip(xp).zip(gp) {
-                    let xhat = (xv.to_f64() - mean) * inv;
-                    *o = T::from_f64(k * (gv.to_f64() - mg - xhat * mgx));
-                }
-            });
+        // SAFETY: the planes of `hw` elements cover `gx`, and each element of each is written.
+        let gx = unsafe {
+            filled(x.len(), |gx| {
+                gx.par_chunks_mut(hw)
+                    .zip(x.par_chunks(hw).zip(gy.par_chunks(hw)))
+                    .zip(y.par_chunks(hw))
+                    .enumerate()
+                    .for_each_init(Vec::new, |buf, (i, ((gxp, (xp, gp)), yp))| {
+                        let ch = i % c;
+                        let (mean, inv) = (self.mean[ch], self.invstd[ch]);
+                        let k = w[ch].to_f64() * inv;
+                        let (mg, mgx) = (sum_gy[ch] / count, sum_gy_xhat[ch] / count);
+                        let gp = if self.relu {
+                            mask(gp, yp, buf);
+                            &buf[..]
+                        } else {
+                            gp
+                        };
+                        for ((o, xv), gv) in gxp.iter_mut().zip(xp).zip(gp) {
+                            let xhat = (xv.to_f64() - mean) * inv;
+                            o.write(T::from_f64(k * (gv.to_f64() - mg - xhat * mgx)));
+                        }
+                    })
+            })
+        };
         let cast = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect();
         (gx, cast(sum_gy_xhat), cast(sum_gy))
     }
