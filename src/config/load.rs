@@ -497,6 +497,14 @@ pub(super) fn known_keys() -> Table {
         _ => Table::new(),
     };
     t.insert("extends".into(), Value::String(String::new()));
+    // Optional sections are unset (absent) in the template; their keys are those of their
+    // defaults.
+    if let (Some(Value::Table(train)), Ok(cl)) = (
+        t.get_mut("train"),
+        Value::try_from(super::schema::Cldice::default()),
+    ) {
+        train.insert("cldice".into(), cl);
+    }
     // `[resources.<stage>]`: any stage name, each with the keys of `Resources`.
     let mut res = Table::new();
     if let Ok(Value::Table(r)) = Value::try_from(super::resources::Resources::known()) {

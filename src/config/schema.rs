@@ -216,6 +216,27 @@ pub enum Scheduler {
     Linear,
 }
 
+/// `[train.cldice]`: the soft-clDice term of Shit et al. (CVPR 2021) on the vessel
+/// probabilities, added to `train.loss` with a weight.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cldice {
+    /// The term's weight: the loss becomes `train.loss + weight × (1 − clDice)`.
+    pub weight: f64,
+    /// Erosions of the soft skeleton: it thins structures up to about twice this width (DRIVE's
+    /// widest vessels are ~12 px at native resolution).
+    pub iters: usize,
+}
+
+impl Default for Cldice {
+    fn default() -> Self {
+        Self {
+            weight: 0.5,
+            iters: 10,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub enum Loss {
     #[serde(rename = "ce")]
@@ -298,6 +319,10 @@ pub struct TrainConfig {
     /// images' own predictions (inside the FOV, no TTA) and store it in the checkpoints, for
     /// `evaluate.threshold = "train"` and `driveline infer`. The valid images play no part.
     pub pick_threshold: bool,
+    /// A soft-clDice term added to the loss (`training::loss::soft_cldice`): rewards predicted
+    /// vessels that cover the labelled centrelines and centrelines that stay inside the labelled
+    /// vessels. Unset: off (and absent from the train stage's key).
+    pub cldice: Option<Cldice>,
     /// Random crops of this side at native resolution (0: whole resized images).
     pub crop: u32,
     /// Save valid-set predictions as PNG every N periods (0: never).
@@ -328,6 +353,7 @@ impl Default for TrainConfig {
             recompute: false,
             ema: 0.0,
             pick_threshold: false,
+            cldice: None,
             crop: 0,
             save_preds_every: 10,
         }
@@ -743,6 +769,23 @@ impl Experiment {
                     t.ema
                 ),
             );
+        }
+        if let Some(c) = &t.cldice {
+            if !(c.weight.is_finite() && c.weight > 0.0 && c.weight <= 10.0) {
+                bad(
+                    "train.cldice.weight",
+                    format!(
+                        "{} must be in (0, 10]; remove [train.cldice] to turn it off",
+                        c.weight
+                    ),
+                );
+            }
+            if !(1..=64).contains(&c.iters) {
+                bad(
+                    "train.cldice.iters",
+                    format!("{} must be in 1..=64", c.iters),
+                );
+            }
         }
         if t.crop != 0 && (t.crop < 32 || !t.crop.is_multiple_of(8)) {
             bad(

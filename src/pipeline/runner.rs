@@ -6,7 +6,8 @@
 //! What enters a stage's key, exactly:
 //! - its name, its implementation (`run`) and that implementation's `version()`;
 //! - the canonical JSON values of the params its pipeline lists; a file among them
-//!   (`model.pretrained`) enters by the blake3 of its content instead of its path;
+//!   (`model.pretrained`) enters by the blake3 of its content instead of its path; an optional
+//!   key left unset (`train.cldice`, null) does not enter at all;
 //! - the keys of the stages it `needs` (so everything upstream, transitively);
 //! - with `data = "listing" | "content"`, the hash of the file names (and contents) under
 //!   `data.root` (not the path: moving the data set re-runs nothing).
@@ -172,13 +173,7 @@ pub fn plan(env: &Env, loaded: &Loaded, pipeline: &Pipeline) -> Result<Vec<Plann
     for st in &pipeline.stages {
         let imp = stages::lookup(st.kind())
             .with_context(|| format!("unknown stage implementation `{}`", st.kind()))?;
-        let mut params = BTreeMap::new();
-        for p in &st.params {
-            let v = exp.value_at(p).with_context(|| {
-                format!("stage `{}`: param `{p}` not in the experiment", st.name)
-            })?;
-            params.insert(p.clone(), v);
-        }
+        let params = stage_params(exp, st)?;
         let (key_params, inputs) = external_inputs(loaded, st, &params)?;
         let upstream: BTreeMap<String, String> = st
             .needs
@@ -252,6 +247,22 @@ fn staleness(env: &Env, p: &Planned, version: u32, prev: Option<Manifest>) -> Op
         }
         Check::Missing => Some(stale_reason(prev, p, version)),
     }
+}
+
+/// The canonical values of the params `st` lists, by dotted key. An optional key left unset
+/// (null) enters neither the key nor the stage's view, so adding one to a pipeline leaves every
+/// existing key as it was.
+fn stage_params(exp: &Experiment, st: &StageDecl) -> Result<BTreeMap<String, Value>> {
+    let mut params = BTreeMap::new();
+    for p in &st.params {
+        let v = exp
+            .value_at(p)
+            .with_context(|| format!("stage `{}`: param `{p}` not in the experiment", st.name))?;
+        if !v.is_null() {
+            params.insert(p.clone(), v);
+        }
+    }
+    Ok(params)
 }
 
 /// The files among a stage's params (`model.pretrained`, and `data.root` when the stage has
@@ -616,6 +627,24 @@ pub fn link_run(env: &Env, exp: &str, stage: &str, key: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unset_optional_params_leave_the_key_as_it_was() -> Result<()> {
+        let decl = |params: &str| -> StageDecl {
+            toml::from_str(&format!("name = \"train\"\nparams = [{params}]")).expect("decl")
+        };
+        let (with, without) = (decl(r#""train.lr", "train.cldice""#), decl(r#""train.lr""#));
+        let mut exp = Experiment::template();
+        assert_eq!(stage_params(&exp, &with)?, stage_params(&exp, &without)?);
+        exp.train.cldice = Some(Default::default());
+        let set = stage_params(&exp, &with)?;
+        assert_eq!(
+            set["train.cldice"],
+            serde_json::json!({"weight": 0.5, "iters": 10})
+        );
+        assert_ne!(set, stage_params(&exp, &without)?);
+        Ok(())
+    }
 
     fn planned() -> Planned {
         Planned {

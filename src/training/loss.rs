@@ -4,10 +4,39 @@ use anyhow::Result;
 use candle_core::{DType, Tensor};
 
 use crate::config::{Experiment, Loss};
+use crate::model::ops;
 
 /// Cross-entropy (optionally class-weighted, PyTorch's weighted mean), plus the soft Dice
-/// loss of the vessel class (`ce+dice`, as both references compute it).
+/// loss of the vessel class (`ce+dice`, as both references compute it), plus
+/// `weight × (1 − soft clDice)` with `[train.cldice]`.
 pub fn loss_fn(exp: &Experiment, logits: &Tensor, labels: &[u8]) -> Result<Tensor> {
+    let base = base_loss(exp, logits, labels)?;
+    let Some(cl) = &exp.train.cldice else {
+        return Ok(base);
+    };
+    let (n, c, h, w) = logits.dims4()?;
+    if c < 2 {
+        anyhow::bail!("train.cldice needs a vessel class: the model has {c} output channel(s)");
+    }
+    let p1 = candle_nn::ops::softmax(logits, 1)?.narrow(1, 1, 1)?;
+    let t1 = vessel_target(labels, (n, 1, h, w), logits)?;
+    Ok((base + (soft_cldice(&p1, &t1, cl.iters)? * cl.weight)?)?)
+}
+
+/// 1 where the label is the vessel class (1), else 0, shaped and typed like `like`'s batch.
+fn vessel_target(
+    labels: &[u8],
+    shape: (usize, usize, usize, usize),
+    like: &Tensor,
+) -> Result<Tensor> {
+    let t: Vec<f32> = labels
+        .iter()
+        .map(|&l| if l == 1 { 1.0 } else { 0.0 })
+        .collect();
+    Ok(Tensor::from_vec(t, shape, like.device())?.to_dtype(like.dtype())?)
+}
+
+fn base_loss(exp: &Experiment, logits: &Tensor, labels: &[u8]) -> Result<Tensor> {
     let (n, c, h, w) = logits.dims4()?;
     let weights: Vec<f32> = if exp.train.class_weights.is_empty() {
         vec![1.0; c]
@@ -31,15 +60,56 @@ pub fn loss_fn(exp: &Experiment, logits: &Tensor, labels: &[u8]) -> Result<Tenso
         return Ok(ce);
     }
     let p1 = candle_nn::ops::softmax(logits, 1)?.narrow(1, 1, 1)?;
-    let t1: Vec<f32> = labels
-        .iter()
-        .map(|&l| if l == 1 { 1.0 } else { 0.0 })
-        .collect();
-    let t1 = Tensor::from_vec(t1, (n, 1, h, w), logits.device())?;
+    let t1 = vessel_target(labels, (n, 1, h, w), logits)?;
     let inter = (&p1 * &t1)?.sum_all()?;
     let total = (p1.sum_all()? + t1.sum_all()?)?;
     let dice = (((inter * 2.0)? + 1.0)? / (total + 1.0)?)?;
     Ok((ce + (dice.neg()? + 1.0)?)?)
+}
+
+/// Soft erosion: the minimum over each 3×3 neighbourhood (a square structuring element;
+/// the border does not count as background).
+fn soft_erode(x: &Tensor) -> Result<Tensor> {
+    Ok(ops::max_pool2d(&x.neg()?, 3, 1, 1)?.neg()?)
+}
+
+/// Soft dilation: the maximum over each 3×3 neighbourhood.
+fn soft_dilate(x: &Tensor) -> Result<Tensor> {
+    Ok(ops::max_pool2d(x, 3, 1, 1)?)
+}
+
+/// The soft skeleton of Shit et al., "clDice" (CVPR 2021), Algorithm 1: what each of `iters`
+/// erosions removes that an opening (erode, then dilate) would not restore, accumulated as a
+/// soft union. `x` holds values in [0, 1], [N, 1, H, W].
+pub fn soft_skeleton(x: &Tensor, iters: usize) -> Result<Tensor> {
+    let open = |t: &Tensor| soft_dilate(&soft_erode(t)?);
+    let mut img = x.clone();
+    let mut skel = ops::relu(&(&img - open(&img)?)?)?;
+    for _ in 0..iters {
+        img = soft_erode(&img)?;
+        let delta = ops::relu(&(&img - open(&img)?)?)?;
+        // skel ∪ delta = skel + delta − skel·delta, written as the paper does.
+        skel = (&skel + ops::relu(&(&delta - (&skel * &delta)?)?)?)?;
+    }
+    Ok(skel)
+}
+
+/// `1 − clDice` of probabilities `p` against a binary target `t` (both [N, 1, H, W], pooled
+/// over the batch): topology precision is the fraction of `p`'s soft skeleton inside `t`,
+/// topology sensitivity the fraction of `t`'s skeleton covered by `p`, and clDice their
+/// harmonic mean. The target's skeleton is constant; gradients flow through `p` and its
+/// skeleton. Both fractions carry a smoothing of 1 (as the paper's code), so empty batches
+/// give 0 loss rather than NaN.
+pub fn soft_cldice(p: &Tensor, t: &Tensor, iters: usize) -> Result<Tensor> {
+    let t = t.detach();
+    let (skel_p, skel_t) = (soft_skeleton(p, iters)?, soft_skeleton(&t, iters)?.detach());
+    let frac = |num: Tensor, den: Tensor| -> Result<Tensor> {
+        Ok(((num.sum_all()? + 1.0)? / (den.sum_all()? + 1.0)?)?)
+    };
+    let tprec = frac((&skel_p * &t)?, skel_p.clone())?;
+    let tsens = frac((&skel_t * p)?, skel_t.clone())?;
+    let cl = ((&tprec * &tsens)? * 2.0)?.div(&(&tprec + &tsens)?)?;
+    Ok((cl.neg()? + 1.0)?)
 }
 
 /// Unweighted mean cross-entropy over every pixel of `logits` (N×C×H×W) against `labels`

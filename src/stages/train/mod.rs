@@ -109,6 +109,7 @@ impl Stage for Train {
             "train.recompute",
             "train.ema",
             "train.pick_threshold",
+            "train.cldice",
             "train.crop",
             "train.save_preds_every",
         ]
