@@ -104,12 +104,60 @@ fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]
     }
 }
 
+/// The argmax of every window of the 3×3, stride-1, padding-1 pool (the soft morphology of the
+/// clDice loss), in two separable passes: the leftmost maximum of each row's three columns,
+/// then the topmost of the three rows' maxima. That is the first maximum in scan order, as
+/// [`PoolGeom::argmax`] picks it (inputs without NaN; the unit test checks the equality).
+fn argmax_3x3_s1<T: WithDType>(plane: &[T], h: usize, w: usize, out: &mut Vec<u32>) {
+    // Row pass: column index of the leftmost maximum of x-1..=x+1 (clamped) in each row.
+    let mut cols = vec![0u32; h * w];
+    for (row, cr) in plane.chunks_exact(w).zip(cols.chunks_exact_mut(w)) {
+        for (x, c) in cr.iter_mut().enumerate() {
+            let mut best = x.saturating_sub(1);
+            for j in best + 1..(x + 2).min(w) {
+                if row[j] > row[best] {
+                    best = j;
+                }
+            }
+            *c = best as u32;
+        }
+    }
+    // Column pass over the row maxima.
+    out.clear();
+    out.reserve(h * w);
+    for y in 0..h {
+        let (r0, r1) = (y.saturating_sub(1), (y + 2).min(h));
+        for x in 0..w {
+            let mut best = r0 * w + cols[r0 * w + x] as usize;
+            for r in r0 + 1..r1 {
+                let i = r * w + cols[r * w + x] as usize;
+                if plane[i] > plane[best] {
+                    best = i;
+                }
+            }
+            out.push(best as u32);
+        }
+    }
+}
+
+/// Whether [`argmax_3x3_s1`] applies: 3×3, stride 1, padding 1 (the output is the input's size).
+fn is_3x3_s1(g: &PoolGeom) -> bool {
+    g.kernel == 3 && g.stride == 1 && g.padding == 1 && g.h * g.w <= u32::MAX as usize
+}
+
 fn pool_fwd<T: WithDType>(g: &PoolGeom, x: &[T]) -> Vec<T> {
     let (hw, ohw) = (g.h * g.w, g.ho * g.wo);
     let mut y = vec![T::from_f64(0.0); g.planes * ohw];
     y.par_chunks_mut(ohw)
         .zip(x.par_chunks(hw))
-        .for_each(|(yp, xp)| {
+        .for_each_init(Vec::new, |idx, (yp, xp)| {
+            if is_3x3_s1(g) {
+                argmax_3x3_s1(xp, g.h, g.w, idx);
+                for (o, &i) in yp.iter_mut().zip(idx.iter()) {
+                    *o = xp[i as usize];
+                }
+                return;
+            }
             for oh in 0..g.ho {
                 for ow in 0..g.wo {
                     yp[oh * g.wo + ow] = xp[g.argmax_any(xp, oh, ow)];
@@ -124,7 +172,14 @@ fn pool_bwd<T: WithDType>(g: &PoolGeom, x: &[T], gy: &[T]) -> Vec<T> {
     let mut gx = vec![T::from_f64(0.0); g.planes * hw];
     gx.par_chunks_mut(hw)
         .zip(x.par_chunks(hw).zip(gy.par_chunks(ohw)))
-        .for_each(|(gxp, (xp, gyp))| {
+        .for_each_init(Vec::new, |idx, (gxp, (xp, gyp))| {
+            if is_3x3_s1(g) {
+                argmax_3x3_s1(xp, g.h, g.w, idx);
+                for (&i, &gv) in idx.iter().zip(gyp) {
+                    gxp[i as usize] += gv;
+                }
+                return;
+            }
             for oh in 0..g.ho {
                 for ow in 0..g.wo {
                     gxp[g.argmax_any(xp, oh, ow)] += gyp[oh * g.wo + ow];
@@ -227,6 +282,33 @@ mod tests {
                 }
             }
             assert!(ties > 0 || h == 2, "{h}x{w}: no ties exercised");
+        }
+    }
+
+    /// The separable 3×3 stride-1 path picks the same element as the general window scan,
+    /// ties included, on planes down to one row or column.
+    #[test]
+    fn separable_3x3_argmax_matches_general() {
+        for (h, w) in [(9, 11), (8, 8), (1, 5), (5, 1), (2, 3), (1, 1)] {
+            let g = PoolGeom::new(&Shape::from((1, 1, h, w)), 3, 1, 1).unwrap();
+            assert!(is_3x3_s1(&g));
+            for seed in 0..3 {
+                // Few distinct values, so that ties are frequent.
+                let plane: Vec<f64> = (0..h * w)
+                    .map(|i| ((i * (7 + seed) + i / 3 + seed) % 3) as f64)
+                    .collect();
+                let mut idx = Vec::new();
+                argmax_3x3_s1(&plane, h, w, &mut idx);
+                for oh in 0..h {
+                    for ow in 0..w {
+                        assert_eq!(
+                            idx[oh * w + ow] as usize,
+                            g.argmax(&plane, oh, ow),
+                            "{h}x{w} seed {seed} at {oh},{ow}"
+                        );
+                    }
+                }
+            }
         }
     }
 }
