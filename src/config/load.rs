@@ -492,19 +492,11 @@ fn resolve_path_key(
 
 /// The tree of keys the schema knows, read off a default experiment.
 pub(super) fn known_keys() -> Table {
-    let mut t = match Value::try_from(Experiment::template()) {
+    let mut t = match Value::try_from(Experiment::known()) {
         Ok(Value::Table(t)) => t,
         _ => Table::new(),
     };
     t.insert("extends".into(), Value::String(String::new()));
-    // Optional sections are unset (absent) in the template; their keys are those of their
-    // defaults.
-    if let (Some(Value::Table(train)), Ok(cl)) = (
-        t.get_mut("train"),
-        Value::try_from(super::schema::Cldice::default()),
-    ) {
-        train.insert("cldice".into(), cl);
-    }
     // `[resources.<stage>]`: any stage name, each with the keys of `Resources`.
     let mut res = Table::new();
     if let Ok(Value::Table(r)) = Value::try_from(super::resources::Resources::known()) {

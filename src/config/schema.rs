@@ -587,6 +587,14 @@ impl Experiment {
         }
     }
 
+    /// The template with every optional section set to its defaults: all the keys an experiment
+    /// file may set (an unset section has no keys in the template).
+    pub fn known() -> Self {
+        let mut e = Self::template();
+        e.train.cldice = Some(Cldice::default());
+        e
+    }
+
     /// The canonical value of a dotted key or section (`train.lr`, `augment`), as JSON.
     pub fn value_at(&self, path: &str) -> Option<serde_json::Value> {
         let mut v = serde_json::to_value(self).ok()?;

@@ -10,33 +10,6 @@ use crate::model::ops;
 /// loss of the vessel class (`ce+dice`, as both references compute it), plus
 /// `weight × (1 − soft clDice)` with `[train.cldice]`.
 pub fn loss_fn(exp: &Experiment, logits: &Tensor, labels: &[u8]) -> Result<Tensor> {
-    let base = base_loss(exp, logits, labels)?;
-    let Some(cl) = &exp.train.cldice else {
-        return Ok(base);
-    };
-    let (n, c, h, w) = logits.dims4()?;
-    if c < 2 {
-        anyhow::bail!("train.cldice needs a vessel class: the model has {c} output channel(s)");
-    }
-    let p1 = candle_nn::ops::softmax(logits, 1)?.narrow(1, 1, 1)?;
-    let t1 = vessel_target(labels, (n, 1, h, w), logits)?;
-    Ok((base + (soft_cldice(&p1, &t1, cl.iters)? * cl.weight)?)?)
-}
-
-/// 1 where the label is the vessel class (1), else 0, shaped and typed like `like`'s batch.
-fn vessel_target(
-    labels: &[u8],
-    shape: (usize, usize, usize, usize),
-    like: &Tensor,
-) -> Result<Tensor> {
-    let t: Vec<f32> = labels
-        .iter()
-        .map(|&l| if l == 1 { 1.0 } else { 0.0 })
-        .collect();
-    Ok(Tensor::from_vec(t, shape, like.device())?.to_dtype(like.dtype())?)
-}
-
-fn base_loss(exp: &Experiment, logits: &Tensor, labels: &[u8]) -> Result<Tensor> {
     let (n, c, h, w) = logits.dims4()?;
     let weights: Vec<f32> = if exp.train.class_weights.is_empty() {
         vec![1.0; c]
@@ -55,16 +28,33 @@ fn base_loss(exp: &Experiment, logits: &Tensor, labels: &[u8]) -> Result<Tensor>
     }
     let target = Tensor::from_vec(onehot, (n, c, h, w), logits.device())?;
     let logp = candle_nn::ops::log_softmax(logits, 1)?;
-    let ce = ((logp * &target)?.sum_all()? * (-1.0 / denom))?;
-    if exp.train.loss == Loss::Ce {
-        return Ok(ce);
+    let mut loss = ((logp * &target)?.sum_all()? * (-1.0 / denom))?;
+    let dice = exp.train.loss == Loss::CeDice;
+    if !dice && exp.train.cldice.is_none() {
+        return Ok(loss);
     }
+    if c < 2 {
+        anyhow::bail!(
+            "the Dice and clDice terms need a vessel class: the model has {c} output channel(s)"
+        );
+    }
+    // The vessel probabilities and target, shared by the Dice and clDice terms.
     let p1 = candle_nn::ops::softmax(logits, 1)?.narrow(1, 1, 1)?;
-    let t1 = vessel_target(labels, (n, 1, h, w), logits)?;
-    let inter = (&p1 * &t1)?.sum_all()?;
-    let total = (p1.sum_all()? + t1.sum_all()?)?;
-    let dice = (((inter * 2.0)? + 1.0)? / (total + 1.0)?)?;
-    Ok((ce + (dice.neg()? + 1.0)?)?)
+    let t1: Vec<f32> = labels
+        .iter()
+        .map(|&l| if l == 1 { 1.0 } else { 0.0 })
+        .collect();
+    let t1 = Tensor::from_vec(t1, (n, 1, h, w), logits.device())?.to_dtype(logits.dtype())?;
+    if dice {
+        let inter = (&p1 * &t1)?.sum_all()?;
+        let total = (p1.sum_all()? + t1.sum_all()?)?;
+        let dice = (((inter * 2.0)? + 1.0)? / (total + 1.0)?)?;
+        loss = (loss + (dice.neg()? + 1.0)?)?;
+    }
+    if let Some(cl) = &exp.train.cldice {
+        loss = (loss + (soft_cldice(&p1, &t1, cl.iters)? * cl.weight)?)?;
+    }
+    Ok(loss)
 }
 
 /// Soft erosion: the minimum over each 3×3 neighbourhood (a square structuring element;

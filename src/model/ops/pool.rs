@@ -108,9 +108,18 @@ fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]
 /// clDice loss), in two separable passes: the leftmost maximum of each row's three columns,
 /// then the topmost of the three rows' maxima. That is the first maximum in scan order, as
 /// [`PoolGeom::argmax`] picks it (inputs without NaN; the unit test checks the equality).
-fn argmax_3x3_s1<T: WithDType>(plane: &[T], h: usize, w: usize, out: &mut Vec<u32>) {
+/// `scratch` holds the row pass between calls (no allocation per plane).
+fn argmax_3x3_s1<T: WithDType>(
+    plane: &[T],
+    h: usize,
+    w: usize,
+    scratch: &mut Vec<u32>,
+    out: &mut Vec<u32>,
+) {
     // Row pass: column index of the leftmost maximum of x-1..=x+1 (clamped) in each row.
-    let mut cols = vec![0u32; h * w];
+    let cols = scratch;
+    cols.clear();
+    cols.resize(h * w, 0);
     for (row, cr) in plane.chunks_exact(w).zip(cols.chunks_exact_mut(w)) {
         for (x, c) in cr.iter_mut().enumerate() {
             let mut best = x.saturating_sub(1);
@@ -148,11 +157,11 @@ fn is_3x3_s1(g: &PoolGeom) -> bool {
 fn pool_fwd<T: WithDType>(g: &PoolGeom, x: &[T]) -> Vec<T> {
     let (hw, ohw) = (g.h * g.w, g.ho * g.wo);
     let mut y = vec![T::from_f64(0.0); g.planes * ohw];
-    y.par_chunks_mut(ohw)
-        .zip(x.par_chunks(hw))
-        .for_each_init(Vec::new, |idx, (yp, xp)| {
+    y.par_chunks_mut(ohw).zip(x.par_chunks(hw)).for_each_init(
+        Default::default,
+        |(cols, idx), (yp, xp)| {
             if is_3x3_s1(g) {
-                argmax_3x3_s1(xp, g.h, g.w, idx);
+                argmax_3x3_s1(xp, g.h, g.w, cols, idx);
                 for (o, &i) in yp.iter_mut().zip(idx.iter()) {
                     *o = xp[i as usize];
                 }
@@ -163,7 +172,8 @@ fn pool_fwd<T: WithDType>(g: &PoolGeom, x: &[T]) -> Vec<T> {
                     yp[oh * g.wo + ow] = xp[g.argmax_any(xp, oh, ow)];
                 }
             }
-        });
+        },
+    );
     y
 }
 
@@ -172,9 +182,9 @@ fn pool_bwd<T: WithDType>(g: &PoolGeom, x: &[T], gy: &[T]) -> Vec<T> {
     let mut gx = vec![T::from_f64(0.0); g.planes * hw];
     gx.par_chunks_mut(hw)
         .zip(x.par_chunks(hw).zip(gy.par_chunks(ohw)))
-        .for_each_init(Vec::new, |idx, (gxp, (xp, gyp))| {
+        .for_each_init(Default::default, |(cols, idx), (gxp, (xp, gyp))| {
             if is_3x3_s1(g) {
-                argmax_3x3_s1(xp, g.h, g.w, idx);
+                argmax_3x3_s1(xp, g.h, g.w, cols, idx);
                 for (&i, &gv) in idx.iter().zip(gyp) {
                     gxp[i as usize] += gv;
                 }
@@ -297,8 +307,8 @@ mod tests {
                 let plane: Vec<f64> = (0..h * w)
                     .map(|i| ((i * (7 + seed) + i / 3 + seed) % 3) as f64)
                     .collect();
-                let mut idx = Vec::new();
-                argmax_3x3_s1(&plane, h, w, &mut idx);
+                let (mut cols, mut idx) = (Vec::new(), Vec::new());
+                argmax_3x3_s1(&plane, h, w, &mut cols, &mut idx);
                 for oh in 0..h {
                     for ow in 0..w {
                         assert_eq!(

@@ -33,7 +33,7 @@ fn relu_fwd<T: WithDType>(x: &[T]) -> Vec<T> {
 }
 
 /// `gy` where `y > 0`, else 0.
-pub(super) fn relu_bwd<T: WithDType>(y: &[T], gy: &[T]) -> Vec<T> {
+fn relu_bwd<T: WithDType>(y: &[T], gy: &[T]) -> Vec<T> {
     let zero = T::from_f64(0.0);
     let mut gx = vec![zero; y.len()];
     gx.par_chunks_mut(CHUNK)
