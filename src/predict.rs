@@ -13,6 +13,8 @@
 //! Every prediction runs [`SegModel::infer`]: eval mode on detached parameters, so no autograd
 //! graph is kept and each activation is freed as soon as its consumer ran.
 
+use std::borrow::Cow;
+
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -96,17 +98,26 @@ impl Predictor<'_> {
     /// Vessel probability of every pixel of `img`, at `img`'s own resolution (row-major).
     pub fn probs(&self, img: &RgbImage) -> Result<Vec<f32>> {
         let device = self.model.device();
-        let stats = ChannelStats::for_image(self.normalize, img);
         let (w, h) = img.dimensions();
         let p = match self.mode {
             Mode::Resize(size) => {
                 let small = data::resize_rgb(img, size, size);
+                // CLAHE sees the image at the model's size, as training's resized images;
+                // per-image statistics come from the original, as in the reference.
+                let (small, stats) = match self.normalize {
+                    Normalize::Clahe => data::prepare(&small, self.normalize),
+                    _ => (
+                        Cow::Borrowed(&small),
+                        ChannelStats::for_image(self.normalize, img),
+                    ),
+                };
                 let x = image_tensor(&small, &stats, device)?;
                 let p = self.probs_tensor(&x)?; // [1, 1, size, size]
                 resize_bilinear(&p, h as usize, w as usize)?
             }
             Mode::Native { tile, overlap } => {
-                let x = image_tensor(img, &stats, device)?;
+                let (img, stats) = data::prepare(img, self.normalize);
+                let x = image_tensor(&img, &stats, device)?;
                 if tile == 0 || (w <= tile && h <= tile) {
                     self.probs_tensor(&x)?
                 } else {
@@ -520,5 +531,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn clahe_predicts_on_the_equalised_image() {
+        // A dim, low-contrast image that CLAHE changes a lot: predicting with `clahe` must be
+        // predicting on the equalised image with per-image statistics, nothing else.
+        let model = tiny_unet();
+        let img = RgbImage::from_fn(40, 36, |x, y| {
+            let v = (60 + x / 2 + (y * 7 % 11)) as u8;
+            image::Rgb([v, v / 2 + 10, v / 3])
+        });
+        let probs = |im: &RgbImage, normalize| {
+            Predictor {
+                model: &model,
+                normalize,
+                mode: Mode::Native {
+                    tile: 0,
+                    overlap: 0,
+                },
+                tta: Tta::None,
+            }
+            .probs(im)
+            .unwrap()
+        };
+        let equalised = data::enhance(&img, Normalize::Clahe).into_owned();
+        assert_ne!(equalised, img);
+        let clahe = probs(&img, Normalize::Clahe);
+        let d = max_diff(&clahe, &probs(&equalised, Normalize::PerImage));
+        assert_eq!(
+            d, 0.0,
+            "clahe differs from per_image on the equalised image by {d}"
+        );
+        let d = max_diff(&clahe, &probs(&img, Normalize::PerImage));
+        assert!(d > 1e-4, "CLAHE should change the prediction ({d})");
     }
 }

@@ -65,6 +65,10 @@ pub enum Normalize {
     Imagenet,
     /// Per-image, per-channel standardisation (zero mean, unit variance).
     PerImage,
+    /// Contrast-limited adaptive histogram equalisation of each channel (OpenCV's
+    /// `createCLAHE(2.0, (8, 8))`, `src/data/clahe.rs`) on the whole image, then per-image
+    /// standardisation: evens out the fundus's uneven illumination before the net sees it.
+    Clahe,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

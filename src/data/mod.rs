@@ -9,6 +9,7 @@
 //! size); [`to_chw_f32`] converts to floats last, right before batching.
 
 mod augment;
+pub mod clahe;
 mod decode;
 mod listing;
 mod normalize;
@@ -20,7 +21,7 @@ use std::path::PathBuf;
 pub use augment::{random_crop, Augmenter};
 pub use decode::decode;
 pub use listing::list;
-pub use normalize::{to_chw_f32, to_chw_f32_with, ChannelStats};
+pub use normalize::{enhance, prepare, to_chw_f32, to_chw_f32_with, ChannelStats};
 pub use resize::{resize_mask, resize_rgb, resize_sample};
 pub use synthetic::synthetic;
 

@@ -1,8 +1,11 @@
 //! Conversion of an 8-bit RGB image to a normalised `f32` CHW buffer, ready for a tensor
 //! of shape `(3, height, width)`.
 
+use std::borrow::Cow;
+
 use image::RgbImage;
 
+use super::clahe;
 use crate::config::schema::Normalize;
 
 /// ImageNet channel means on /255 values (torchvision's convention).
@@ -53,19 +56,56 @@ impl ChannelStats {
         Self { mean, std }
     }
 
-    /// The statistics `normalize` calls for on `img`.
+    /// The statistics `normalize` calls for on `img`, which must already be [`enhance`]d.
     pub fn for_image(normalize: Normalize, img: &RgbImage) -> Self {
         match normalize {
             Normalize::Imagenet => Self::imagenet(),
-            Normalize::PerImage => Self::of_image(img),
+            Normalize::PerImage | Normalize::Clahe => Self::of_image(img),
         }
     }
 }
 
+/// The whole-image transform `normalize` applies before the affine normalisation: CLAHE of
+/// each channel for [`Normalize::Clahe`], nothing (a borrow) otherwise. It must see the whole
+/// image: crops are taken from its output, never the other way round.
+pub fn enhance(img: &RgbImage, normalize: Normalize) -> Cow<'_, RgbImage> {
+    match normalize {
+        Normalize::Imagenet | Normalize::PerImage => Cow::Borrowed(img),
+        Normalize::Clahe => {
+            let (w, h) = (img.width() as usize, img.height() as usize);
+            let mut out = img.clone();
+            for c in 0..3 {
+                let plane: Vec<u8> = img.pixels().map(|p| p.0[c]).collect();
+                let eq = clahe::clahe(
+                    &plane,
+                    w,
+                    h,
+                    (clahe::TILES, clahe::TILES),
+                    clahe::CLIP_LIMIT,
+                );
+                for (p, v) in out.pixels_mut().zip(eq) {
+                    p.0[c] = v;
+                }
+            }
+            Cow::Owned(out)
+        }
+    }
+}
+
+/// What every whole-image input goes through: [`enhance`], then the statistics of the
+/// enhanced image. Normalise with [`to_chw_f32_with`] on the returned image (or crops of it).
+pub fn prepare(img: &RgbImage, normalize: Normalize) -> (Cow<'_, RgbImage>, ChannelStats) {
+    let img = enhance(img, normalize);
+    let stats = ChannelStats::for_image(normalize, &img);
+    (img, stats)
+}
+
 /// Normalises `img` per `normalize` into a CHW `f32` buffer of `3 × height × width` values
-/// (ImageNet: `(v/255 − mean) / std`; per-image: the image's own statistics).
+/// (ImageNet: `(v/255 − mean) / std`; per-image: the image's own statistics; CLAHE: those of
+/// the equalised image).
 pub fn to_chw_f32(img: &RgbImage, normalize: Normalize) -> Vec<f32> {
-    to_chw_f32_with(img, &ChannelStats::for_image(normalize, img))
+    let (img, stats) = prepare(img, normalize);
+    to_chw_f32_with(&img, &stats)
 }
 
 /// Normalises `img` into a CHW `f32` buffer with the given statistics.

@@ -34,6 +34,7 @@
 //! Batches are built on the loader thread with rayon (augmentation in parallel, sharing the
 //! compute's thread pool so the two never oversubscribe the cores).
 
+use std::borrow::Cow;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
@@ -44,12 +45,13 @@ use candle_core::{DType, Device, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::preprocess::{self, Prepared};
 use super::{Stage, StageCtx};
 use crate::config::{Experiment, Normalize, TrainConfig, Tta};
-use crate::data::{Augmenter, ChannelStats, Sample};
+use crate::data::{self, Augmenter, ChannelStats, Sample};
 use crate::metrics::Confusion;
 use crate::metrics::ThresholdSweep;
 use crate::model::checkpoint::{self, ChosenThreshold, Preprocess as CkptPreprocess};
@@ -441,25 +443,39 @@ fn resume(out: &Path, s: &mut Setup, plan: &PeriodPlan, progress: &Progress) -> 
     Ok(state)
 }
 
-/// What every period reads: the train images, their normalisation statistics (computed
-/// once), the augmentation.
+/// What every period reads: the train images (enhanced per `data.normalize`, whole images
+/// before any crop), their normalisation statistics (computed once), the augmentation.
 struct TrainData<'a> {
     exp: &'a Experiment,
-    train: Vec<&'a Sample>,
+    train: Vec<Cow<'a, Sample>>,
     stats: Vec<ChannelStats>,
     augmenter: Augmenter,
 }
 
 impl<'a> TrainData<'a> {
     fn new(exp: &'a Experiment, train: &'a [Prepared]) -> Self {
-        let train: Vec<&Sample> = train.iter().map(|p| &p.work).collect();
-        let stats = image_stats(exp, &train);
+        let train: Vec<Cow<Sample>> = train
+            .par_iter()
+            .map(|p| match data::enhance(&p.work.image, exp.data.normalize) {
+                Cow::Borrowed(_) => Cow::Borrowed(&p.work),
+                Cow::Owned(image) => Cow::Owned(Sample {
+                    image,
+                    ..p.work.clone()
+                }),
+            })
+            .collect();
+        let stats = image_stats(exp, &train.iter().map(|s| s.as_ref()).collect::<Vec<_>>());
         TrainData {
             exp,
             train,
             stats,
             augmenter: Augmenter::new(&exp.augment),
         }
+    }
+
+    /// The train images, in order.
+    fn samples(&self) -> Vec<&Sample> {
+        self.train.iter().map(|s| s.as_ref()).collect()
     }
 }
 
@@ -493,9 +509,10 @@ fn run_period(
     std::thread::scope(|scope| -> Result<()> {
         let batches = &batches;
         scope.spawn(move || {
+            let train = data.samples();
             for (i, idx) in batches.iter().enumerate() {
                 let step = (first_step + i) as u64;
-                let b = build_batch(exp, &data.train, &data.stats, idx, &data.augmenter, step);
+                let b = build_batch(exp, &train, &data.stats, idx, &data.augmenter, step);
                 if tx.send(b).is_err() {
                     return;
                 }
@@ -591,8 +608,8 @@ fn validate(
             .label
             .as_ref()
             .ok_or_else(|| anyhow!("valid image {} has no annotation", p.id))?;
-        let stats = ChannelStats::for_image(normalize, &s.image);
-        let x = image_tensor(&s.image, &stats, pred.model.device())?;
+        let (img, stats) = data::prepare(&s.image, normalize);
+        let x = image_tensor(&img, &stats, pred.model.device())?;
         let logits = pred.logits_at(&x)?;
         let (_, _, h, w) = logits.dims4()?;
         let y = label.as_raw();
