@@ -13,8 +13,6 @@
 //! Every prediction runs [`SegModel::infer`]: eval mode on detached parameters, so no autograd
 //! graph is kept and each activation is freed as soon as its consumer ran.
 
-use std::borrow::Cow;
-
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
@@ -101,16 +99,10 @@ impl Predictor<'_> {
         let (w, h) = img.dimensions();
         let p = match self.mode {
             Mode::Resize(size) => {
+                // Enhanced and normalised at the model's size, as training sees its resized
+                // images.
                 let small = data::resize_rgb(img, size, size);
-                // CLAHE sees the image at the model's size, as training's resized images;
-                // per-image statistics come from the original, as in the reference.
-                let (small, stats) = match self.normalize {
-                    Normalize::Clahe => data::prepare(&small, self.normalize),
-                    _ => (
-                        Cow::Borrowed(&small),
-                        ChannelStats::for_image(self.normalize, img),
-                    ),
-                };
+                let (small, stats) = data::prepare(&small, self.normalize);
                 let x = image_tensor(&small, &stats, device)?;
                 let p = self.probs_tensor(&x)?; // [1, 1, size, size]
                 resize_bilinear(&p, h as usize, w as usize)?
