@@ -89,6 +89,21 @@ fn conv2d_grad_various_geometries() {
     }
 }
 
+/// Winograd F(2×2, 3×3) (forward and input gradient; f32 takes it by default with ≥ 64
+/// channels, here forced in f64) on sides that do and do not divide into tiles, dilations 1-3.
+#[test]
+fn conv2d_winograd_grad() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let previous = ops::set_winograd_conv(ops::WinogradMode::Always);
+    // (n, c, h, w, o, dilation)
+    for &(n, c, h, w, o, d) in &[(2, 3, 7, 6, 4, 1), (1, 2, 9, 8, 3, 2), (2, 2, 13, 12, 3, 3)] {
+        let x = randn(&mut rng, &[n, c, h, w]);
+        let wt = randn(&mut rng, &[o, c, 3, 3]);
+        check_grad(&[x, wt], |t| ops::conv2d(&t[0], &t[1], None, 1, d, d), 60);
+    }
+    ops::set_winograd_conv(previous);
+}
+
 #[test]
 fn max_pool_grad() {
     let mut rng = StdRng::seed_from_u64(2);

@@ -7,11 +7,15 @@
 //! recomputed in the backward pass rather than kept alive, so the memory held between forward
 //! and backward is only what Candle keeps anyway (the inputs).
 //!
-//! f32 3×3 stride-1 convolutions with padding = dilation take the direct kernels of
-//! `direct.rs` instead where the CPU has AVX2 and FMA ([`ConvGeom::direct`] says when).
+//! 3×3 stride-1 convolutions with padding = dilation take other paths where they are faster:
+//! Winograd F(2×2, 3×3) (`winograd.rs`) with many channels on large enough maps
+//! ([`ConvGeom::winograd`]; for the weight gradient only beyond the direct kernels' channel
+//! limit, [`ConvGeom::winograd_grad_weight`]), and the direct kernels of `direct.rs` for f32
+//! with up to 256 channels where the CPU has AVX2 and FMA ([`ConvGeom::direct`]).
 
 use super::direct::{self, Direct};
 use super::gemm::{matmul, sum_partials, MatRef};
+use super::winograd::Winograd;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -129,8 +133,35 @@ impl ConvGeom {
 /// at 66 against 47 for 256 (`direct::speed`, in the bench docs).
 const DIRECT_MAX_CHANNELS: usize = 256;
 
+/// Fewest input and output channels, and fewest pixels per map, for which f32 convolutions take
+/// Winograd by default. Below them the transforms' additions and the small GEMMs outweigh the
+/// multiplies saved, and the direct kernels are faster: measured on the Zen 3 with `cargo test
+/// --release --lib winograd_speed -- --ignored --nocapture` (forward, ms, Winograd against
+/// direct): 128 channels at 32×32 3.0 against 3.6, 64 at 64×64 3.8 against 3.7, the U-Net's 64
+/// at 24×24 7.0 against 6.0 and 128 at 12×12 7.2 against 6.6.
+const WINOGRAD_MIN_CHANNELS: usize = 128;
+const WINOGRAD_MIN_PIXELS: usize = 32 * 32;
+
+/// When 3×3 "same" convolutions take Winograd F(2×2, 3×3) (`winograd.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WinogradMode {
+    /// f32, with at least [`WINOGRAD_MIN_CHANNELS`] channels each side (the default).
+    Auto,
+    /// Every eligible geometry, f32 and f64 (tests: finite differences, the im2col comparison).
+    Always,
+    /// Never.
+    Never,
+}
+
 thread_local! {
     static DIRECT: Cell<bool> = const { Cell::new(true) };
+    static WINOGRAD: Cell<WinogradMode> = const { Cell::new(WinogradMode::Auto) };
+}
+
+/// When convolutions on this thread take Winograd F(2×2, 3×3); returns the previous mode. For
+/// tests and benchmarks: results differ from the other paths by f32 rounding only.
+pub fn set_winograd_conv(mode: WinogradMode) -> WinogradMode {
+    WINOGRAD.with(|m| m.replace(mode))
 }
 
 /// Whether f32 3×3 "same" convolutions on this thread may take the direct AVX2 kernels of
@@ -147,6 +178,47 @@ pub fn direct_conv_available() -> bool {
 }
 
 impl ConvGeom {
+    /// Winograd F(2×2, 3×3) for this convolution's forward and input gradient, where it
+    /// applies: a 3×3 kernel, stride 1, padding equal to the dilation and at most a quarter of
+    /// the image's side (as for the direct kernels: Winograd multiplies the padding too, so ASPP's
+    /// wide rates on small maps stay on the sparse im2col plan), and per [`set_winograd_conv`]:
+    /// by default f32 with at least [`WINOGRAD_MIN_CHANNELS`] channels either side and
+    /// [`WINOGRAD_MIN_PIXELS`] pixels.
+    fn winograd(&self, f32: bool) -> Option<Winograd> {
+        let fits = self.kh == 3
+            && self.kw == 3
+            && self.stride == 1
+            && self.padding == self.dilation
+            && 4 * self.dilation <= self.h.min(self.w);
+        let chosen = match WINOGRAD.with(|m| m.get()) {
+            WinogradMode::Auto => {
+                f32 && self.c.min(self.o) >= WINOGRAD_MIN_CHANNELS
+                    && self.h * self.w >= WINOGRAD_MIN_PIXELS
+            }
+            WinogradMode::Always => true,
+            WinogradMode::Never => false,
+        };
+        (fits && chosen).then_some(Winograd {
+            n: self.n,
+            c: self.c,
+            h: self.h,
+            w: self.w,
+            o: self.o,
+            d: self.dilation,
+        })
+    }
+
+    /// Winograd for the f32 weight gradient: where [`ConvGeom::winograd`] applies and the direct
+    /// kernels do not (more than [`DIRECT_MAX_CHANNELS`] channels), or always when forced. The
+    /// direct weight gradient is as fast below (Zen 3, forward + backward, ms, Winograd against
+    /// direct for the weight gradient: 54 against 52 at 256 channels on 32×32; 184 against 265
+    /// at 512).
+    fn winograd_grad_weight(&self) -> Option<Winograd> {
+        let forced = WINOGRAD.with(|m| m.get()) == WinogradMode::Always;
+        self.winograd(true)
+            .filter(|_| forced || self.direct().is_none())
+    }
+
     /// The direct kernel for this convolution, where it applies: f32 only (the caller's
     /// business), a 3×3 kernel, stride 1, padding equal to the dilation and at most a quarter of
     /// the image's side (so that little of the work multiplies padding; ASPP's wide rates on
@@ -673,28 +745,33 @@ fn grad_weight<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], gy: &[T]) -> Ve
                         let kr = g.c * nt;
                         im2col_region(g, xi, r, &mut work.col);
                         gather_region(g, gyi, g.o, r, &mut work.scratch);
-                        gwr.clear();
+                        // Overwritten by the GEMM: no zero fill.
                         gwr.resize(g.o * kr, T::from_f64(0.0));
-                        acc_add(
-                            &mut gwr,
+                        let (gy_r, col_r) = (
                             MatRef::row_major(&work.scratch, g.o, area),
                             MatRef::row_major(&work.col, kr, area),
                         );
-                        // Entry (o, j) of the region's gradient, j = c·taps + t.
-                        for (i, v) in gwr.iter().enumerate() {
-                            let (o, j) = if transposed {
-                                (i % g.o, i / g.o)
-                            } else {
-                                (i / kr, i % kr)
-                            };
-                            let (c, (ki, kj)) = (j / nt, r.taps[j % nt]);
-                            let at = (c * khw + ki * g.kw + kj, o);
-                            let at = if transposed {
-                                at.0 * g.o + at.1
-                            } else {
-                                at.1 * k + at.0
-                            };
-                            gw[at] += *v;
+                        if transposed {
+                            matmul(&mut gwr, g.o, col_r, gy_r.t(), false, par);
+                        } else {
+                            matmul(&mut gwr, kr, gy_r, col_r.t(), false, par);
+                        }
+                        // Row j = c·taps + t of the region's gradient is row c·9 + tap of the
+                        // weight's (transposed: whole rows of O; else column j of each row o).
+                        for c in 0..g.c {
+                            for (t, &(ki, kj)) in r.taps.iter().enumerate() {
+                                let (j, kk) = (c * nt + t, c * khw + ki * g.kw + kj);
+                                if transposed {
+                                    let dst = &mut gw[kk * g.o..][..g.o];
+                                    for (d, s) in dst.iter_mut().zip(&gwr[j * g.o..][..g.o]) {
+                                        *d += *s;
+                                    }
+                                } else {
+                                    for o in 0..g.o {
+                                        gw[o * k + kk] += gwr[o * kr + j];
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -860,11 +937,15 @@ impl CustomOp2 for Conv2d {
             l1,
             s2,
             l2,
-            |x, w| match g.direct() {
-                Some(d) => d.forward(x, w),
+            |x, w| match (g.winograd(true), g.direct()) {
+                (Some(wg), _) => wg.forward(x, w),
+                (None, Some(d)) => d.forward(x, w),
+                (None, None) => forward(&g, &Plan::new(&g), x, w),
+            },
+            |x, w| match g.winograd(false) {
+                Some(wg) => wg.forward(x, w),
                 None => forward(&g, &Plan::new(&g), x, w),
             },
-            |x, w| forward(&g, &Plan::new(&g), x, w),
         )?;
         Ok((y, g.out_shape()))
     }
@@ -928,11 +1009,15 @@ impl CustomOp2 for GradInput {
             l1,
             s2,
             l2,
-            |gy, w| match g.direct() {
-                Some(d) => d.grad_input(gy, w),
+            |gy, w| match (g.winograd(true), g.direct()) {
+                (Some(wg), _) => wg.grad_input(gy, w),
+                (None, Some(d)) => d.grad_input(gy, w),
+                (None, None) => input_gradient(g, gy, w),
+            },
+            |gy, w| match g.winograd(false) {
+                Some(wg) => wg.grad_input(gy, w),
                 None => input_gradient(g, gy, w),
             },
-            |gy, w| input_gradient(g, gy, w),
         )?;
         Ok((gx, Shape::from((g.n, g.c, g.h, g.w))))
     }
@@ -968,11 +1053,15 @@ impl CustomOp2 for GradWeight {
             l1,
             s2,
             l2,
-            |x, gy| match g.direct() {
-                Some(d) => d.grad_weight(x, gy),
+            |x, gy| match (g.winograd_grad_weight(), g.direct()) {
+                (Some(wg), _) => wg.grad_weight(x, gy),
+                (None, Some(d)) => d.grad_weight(x, gy),
+                (None, None) => grad_weight(g, &Plan::new(g), x, gy),
+            },
+            |x, gy| match g.winograd(false) {
+                Some(wg) => wg.grad_weight(x, gy),
                 None => grad_weight(g, &Plan::new(g), x, gy),
             },
-            |x, gy| grad_weight(g, &Plan::new(g), x, gy),
         )?;
         Ok((gw, Shape::from((g.o, g.c, g.kh, g.kw))))
     }

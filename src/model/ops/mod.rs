@@ -13,9 +13,10 @@ mod generic;
 mod pool;
 mod relu;
 mod resize;
+mod winograd;
 
 pub use batchnorm::BatchNorm2d;
-pub use conv::{direct_conv_available, set_direct_conv};
+pub use conv::{direct_conv_available, set_direct_conv, set_winograd_conv, WinogradMode};
 pub use generic::{autocast, generic_forced, set_autocast, set_force_generic};
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,8 +40,9 @@ pub fn conv_flops() -> u64 {
 ///
 /// On CPU (f32/f64) this is an im2col + GEMM custom op whose backward also runs on GEMM (Candle's
 /// CPU input gradient is a naive transposed convolution), except f32 3×3 stride-1 "same"
-/// convolutions on x86-64 CPUs with AVX2 and FMA, which run direct kernels without im2col
-/// (`direct.rs`; [`set_direct_conv`] turns them off); elsewhere (and with
+/// convolutions: with ≥ 128 channels on maps of ≥ 32×32 they run Winograd F(2×2, 3×3)
+/// (`winograd.rs`; [`set_winograd_conv`]), and otherwise on x86-64 CPUs with AVX2 and FMA
+/// direct kernels without im2col (`direct.rs`; [`set_direct_conv`] turns them off); elsewhere (and with
 /// [`set_force_generic`]) the device-generic formulation: Candle's conv2d forward, the input
 /// gradient as a forward convolution, the weight gradient as a GEMM (see `generic.rs`).
 /// The padding may exceed the image (ASPP's dilated branches on small inputs).
