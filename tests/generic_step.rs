@@ -3,6 +3,9 @@
 //! ops), and with activation recomputation per ResNet stage (the same gradients within 1e-5,
 //! the same BatchNorm statistics and counters, a lower peak RSS).
 
+mod common;
+
+use common::max_abs;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
@@ -99,17 +102,6 @@ fn step_of(cfg: &ModelConfig, imgsz: usize, dtype: DType, generic: bool, recompu
         grads,
         state,
     }
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// Largest relative difference of the gradients, per tensor (max |a − b| / max |b|), and which.

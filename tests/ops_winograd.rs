@@ -3,7 +3,10 @@
 //! does its `conv2d_winograd_grad` for Winograd itself), on random shapes and dilations: f64,
 //! where both must agree to rounding, and f32 at the tolerance of a reordered sum.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor, Var};
+use common::max_abs;
 use driveline::model::ops::{self, WinogradMode};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -25,17 +28,6 @@ fn run(x: &Tensor, w: &Tensor, gy: &Tensor, d: usize, mode: WinogradMode) -> [Te
         g.get(xv.as_tensor()).unwrap().clone(),
         g.get(wv.as_tensor()).unwrap().clone(),
     ]
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// Random geometries: sides that do and do not divide into 2d-wide tile groups, dilations 1-4

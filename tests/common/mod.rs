@@ -242,3 +242,15 @@ imgsz = 64
 "#
     )
 }
+
+/// Largest absolute element of a tensor of any float dtype, as f64.
+pub fn max_abs(t: &candle_core::Tensor) -> f64 {
+    t.to_dtype(candle_core::DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}

@@ -178,18 +178,21 @@ pub fn direct_conv_available() -> bool {
 }
 
 impl ConvGeom {
-    /// Winograd F(2×2, 3×3) for this convolution's forward and input gradient, where it
-    /// applies: a 3×3 kernel, stride 1, padding equal to the dilation and at most a quarter of
-    /// the image's side (as for the direct kernels: Winograd multiplies the padding too, so ASPP's
-    /// wide rates on small maps stay on the sparse im2col plan), and per [`set_winograd_conv`]:
-    /// by default f32 with at least [`WINOGRAD_MIN_CHANNELS`] channels either side and
-    /// [`WINOGRAD_MIN_PIXELS`] pixels.
-    fn winograd(&self, f32: bool) -> Option<Winograd> {
-        let fits = self.kh == 3
+    /// The geometry both the direct kernels and Winograd take: a 3×3 kernel, stride 1, padding
+    /// equal to the dilation and at most a quarter of the image's side (both multiply the
+    /// padding too, so ASPP's wide rates on small maps stay on the sparse im2col plan).
+    fn same_3x3(&self) -> bool {
+        self.kh == 3
             && self.kw == 3
             && self.stride == 1
             && self.padding == self.dilation
-            && 4 * self.dilation <= self.h.min(self.w);
+            && 4 * self.dilation <= self.h.min(self.w)
+    }
+
+    /// Winograd F(2×2, 3×3) for this convolution's forward and input gradient, where it
+    /// applies: [`ConvGeom::same_3x3`], and per [`set_winograd_conv`]: by default f32 with at
+    /// least [`WINOGRAD_MIN_CHANNELS`] channels either side and [`WINOGRAD_MIN_PIXELS`] pixels.
+    fn winograd(&self, f32: bool) -> Option<Winograd> {
         let chosen = match WINOGRAD.with(|m| m.get()) {
             WinogradMode::Auto => {
                 f32 && self.c.min(self.o) >= WINOGRAD_MIN_CHANNELS
@@ -198,7 +201,7 @@ impl ConvGeom {
             WinogradMode::Always => true,
             WinogradMode::Never => false,
         };
-        (fits && chosen).then_some(Winograd {
+        (self.same_3x3() && chosen).then_some(Winograd {
             n: self.n,
             c: self.c,
             h: self.h,
@@ -220,17 +223,10 @@ impl ConvGeom {
     }
 
     /// The direct kernel for this convolution, where it applies: f32 only (the caller's
-    /// business), a 3×3 kernel, stride 1, padding equal to the dilation and at most a quarter of
-    /// the image's side (so that little of the work multiplies padding; ASPP's wide rates on
-    /// small maps are the sparse plan's case), at most [`DIRECT_MAX_CHANNELS`] channels either
-    /// side, AVX2 and FMA on this CPU, and [`set_direct_conv`] on.
+    /// business), [`ConvGeom::same_3x3`], at most [`DIRECT_MAX_CHANNELS`] channels either side,
+    /// AVX2 and FMA on this CPU, and [`set_direct_conv`] on.
     fn direct(&self) -> Option<Direct> {
-        let fits = self.kh == 3
-            && self.kw == 3
-            && self.stride == 1
-            && self.padding == self.dilation
-            && 4 * self.dilation <= self.h.min(self.w)
-            && self.c.max(self.o) <= DIRECT_MAX_CHANNELS;
+        let fits = self.same_3x3() && self.c.max(self.o) <= DIRECT_MAX_CHANNELS;
         (fits && DIRECT.with(|d| d.get()) && direct::available()).then_some(Direct {
             n: self.n,
             c: self.c,
@@ -712,12 +708,12 @@ fn grad_weight<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], gy: &[T]) -> Ve
     let (k, p) = (g.k(), g.p());
     let (per, par) = image_split(g.n);
     let transposed = g.o < k;
-    // `acc += gy_r [O, cols] · col_r [rows, cols]ᵀ`, into [O, rows] or its transpose [rows, O].
-    let acc_add = |acc: &mut [T], gy_r: MatRef<'_, T>, col_r: MatRef<'_, T>| {
+    // `acc (+)= gy_r [O, cols] · col_r [rows, cols]ᵀ`, into [O, rows] or its transpose [rows, O].
+    let gw_gemm = |acc: &mut [T], gy_r: MatRef<'_, T>, col_r: MatRef<'_, T>, accumulate| {
         if transposed {
-            matmul(acc, g.o, col_r, gy_r.t(), true, par);
+            matmul(acc, g.o, col_r, gy_r.t(), accumulate, par);
         } else {
-            matmul(acc, col_r.rows, gy_r, col_r.t(), true, par);
+            matmul(acc, col_r.rows, gy_r, col_r.t(), accumulate, par);
         }
     };
     let task = |(xs, gys): (&[T], &[T])| {
@@ -728,14 +724,14 @@ fn grad_weight<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], gy: &[T]) -> Ve
             match plan {
                 Plan::Pointwise => {
                     let (gm, xm) = (MatRef::row_major(gyi, g.o, p), MatRef::row_major(xi, k, p));
-                    acc_add(&mut gw, gm, xm);
+                    gw_gemm(&mut gw, gm, xm, true);
                 }
                 Plan::Dense => {
                     for b in g.bands() {
                         let bp = (b.1 - b.0) * g.wo;
                         im2col(g, xi, b, &mut work.col, par);
                         let cm = MatRef::row_major(&work.col, k, bp);
-                        acc_add(&mut gw, band(gyi, g.o, p, g.wo, b), cm);
+                        gw_gemm(&mut gw, band(gyi, g.o, p, g.wo, b), cm, true);
                     }
                 }
                 Plan::Sparse(regions) => {
@@ -745,17 +741,14 @@ fn grad_weight<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], gy: &[T]) -> Ve
                         let kr = g.c * nt;
                         im2col_region(g, xi, r, &mut work.col);
                         gather_region(g, gyi, g.o, r, &mut work.scratch);
-                        // Overwritten by the GEMM: no zero fill.
+                        // Overwritten by the GEMM (`resize` fills only what it adds).
                         gwr.resize(g.o * kr, T::from_f64(0.0));
-                        let (gy_r, col_r) = (
+                        gw_gemm(
+                            &mut gwr,
                             MatRef::row_major(&work.scratch, g.o, area),
                             MatRef::row_major(&work.col, kr, area),
+                            false,
                         );
-                        if transposed {
-                            matmul(&mut gwr, g.o, col_r, gy_r.t(), false, par);
-                        } else {
-                            matmul(&mut gwr, kr, gy_r, col_r.t(), false, par);
-                        }
                         // Row j = c·taps + t of the region's gradient is row c·9 + tap of the
                         // weight's (transposed: whole rows of O; else column j of each row o).
                         for c in 0..g.c {

@@ -75,8 +75,6 @@ struct Pass {
     h: usize,
     w: usize,
     d: usize,
-    /// Tile origin rows.
-    th: Vec<usize>,
 }
 
 /// How a pass's tiles are laid out and split into blocks (one rayon task each).
@@ -184,7 +182,6 @@ impl Winograd {
             h: self.h,
             w: self.w,
             d: self.d,
-            th: origins(self.h, self.d),
         }
     }
 }
@@ -278,8 +275,9 @@ impl Pass {
             .collect();
         let tiles_w: usize = groups.iter().map(|g| g.1).sum();
         let gmax = groups.iter().map(|g| g.1).max().unwrap_or(0);
+        let th = origins(self.h, d);
         let rows: Vec<(usize, usize)> = (0..self.n)
-            .flat_map(|i| self.th.iter().map(move |&r| (i, r)))
+            .flat_map(|i| th.iter().map(move |&r| (i, r)))
             .collect();
         // About TILES_PER_BLOCK tiles a block, and at least two blocks per thread where there
         // are enough rows.

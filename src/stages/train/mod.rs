@@ -458,9 +458,12 @@ impl<'a> TrainData<'a> {
             .par_iter()
             .map(|p| match data::enhance(&p.work.image, exp.data.normalize) {
                 Cow::Borrowed(_) => Cow::Borrowed(&p.work),
+                // The other fields, without cloning the image that is being replaced.
                 Cow::Owned(image) => Cow::Owned(Sample {
+                    id: p.work.id.clone(),
                     image,
-                    ..p.work.clone()
+                    label: p.work.label.clone(),
+                    fov: p.work.fov.clone(),
                 }),
             })
             .collect();
