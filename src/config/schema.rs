@@ -373,7 +373,9 @@ pub struct AugmentConfig {
     pub vflip: bool,
     /// Random multiples of 90° rotation.
     pub rot90: bool,
-    /// Rotation by a uniform angle in ±`rotate` degrees with probability 0.5 (0: off).
+    /// Rotation by a uniform angle in ±`rotate` degrees with probability 0.5 (0: off). With
+    /// `train.crop`, the crop is cut from a window wide enough for any angle and zoom drawn, so
+    /// its corners hold image rather than zero fill (`Augmenter::window_for`).
     pub rotate: f32,
     /// Random scale in [`scale_min`, `scale_max`] followed by a crop/pad back to size (1, 1: off).
     pub scale_min: f32,

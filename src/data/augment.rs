@@ -114,6 +114,29 @@ impl Augmenter {
         Self { cfg: cfg.clone() }
     }
 
+    /// The side of the window to cut before [`apply`](Self::apply) so that the centred
+    /// `crop`×`crop` part of its result ([`centre_crop`]) holds only source pixels, whatever
+    /// angle and zoom `apply` draws: without it, a free rotation or a zoom out of a crop fills
+    /// its corners with zeros (black image, background label) that the image does not have.
+    /// A rotation by θ needs `crop·(|cos θ| + |sin θ|)` (at most `crop·√2`, at 45°), a zoom by
+    /// `s < 1` needs `crop / s`; two more pixels cover the bilinear footprint, and the side
+    /// keeps the parity of `crop` so the centre crop is exact. `crop` itself when neither
+    /// applies, so recipes without them cut and draw exactly as before.
+    pub fn window_for(&self, crop: u32) -> u32 {
+        let zoom = f64::from(self.cfg.scale_min).min(1.0);
+        if self.cfg.rotate <= 0.0 && zoom >= 1.0 {
+            return crop;
+        }
+        let turn = if self.cfg.rotate > 0.0 {
+            let r = f64::from(self.cfg.rotate.min(45.0)).to_radians();
+            r.cos() + r.sin()
+        } else {
+            1.0
+        };
+        let side = (f64::from(crop) * turn / zoom).ceil() as u32 + 2;
+        side + (side - crop) % 2
+    }
+
     /// Returns a randomly augmented copy of `sample`, in this order: horizontal flip (p 0.5),
     /// vertical flip (p 0.5), a turn by k·90° (k uniform in 0..4; odd k swaps width and
     /// height, so use it on square inputs when batching), a rotation by a uniform angle in
@@ -198,7 +221,25 @@ pub fn random_crop(sample: &Sample, crop: u32, rng: &mut StdRng) -> Sample {
     let (w, h) = sample.image.dimensions();
     let x0 = rng.random_range(0..=w.saturating_sub(crop));
     let y0 = rng.random_range(0..=h.saturating_sub(crop));
-    let (cw, ch) = (crop.min(w), crop.min(h));
+    crop_at(sample, x0, y0, crop)
+}
+
+/// The centred `crop`×`crop` window (the inverse of the margin [`Augmenter::window_for`]
+/// adds: a window of the same parity loses equal strips on each side).
+pub fn centre_crop(sample: &Sample, crop: u32) -> Sample {
+    let (w, h) = sample.image.dimensions();
+    crop_at(
+        sample,
+        w.saturating_sub(crop) / 2,
+        h.saturating_sub(crop) / 2,
+        crop,
+    )
+}
+
+/// The `crop`×`crop` window at `(x0, y0)`, zero-padded where it passes the image's edge.
+fn crop_at(sample: &Sample, x0: u32, y0: u32, crop: u32) -> Sample {
+    let (w, h) = sample.image.dimensions();
+    let (cw, ch) = (crop.min(w - x0), crop.min(h - y0));
     let rgb = |i: &RgbImage| {
         let mut out = RgbImage::new(crop, crop);
         imageops::replace(&mut out, &*imageops::crop_imm(i, x0, y0, cw, ch), 0, 0);
@@ -405,6 +446,45 @@ mod tests {
         // deterministic given the seed
         let b = aug.apply(&s, &mut StdRng::seed_from_u64(9));
         assert_eq!(a, b);
+    }
+
+    /// A rotated or zoomed-out crop cut through `window_for` and `centre_crop` holds only
+    /// source pixels (FOV 1 everywhere, as in the source), for angles up to 45° and zooms down
+    /// to 0.7; the plain crop of the same draws does not (zero corners), so the margin is what
+    /// keeps them out. Recipes without rotation or zoom-out keep the plain crop.
+    #[test]
+    fn window_margin_keeps_warped_corners_inside_the_source() {
+        let s = marked(300, 280, &[]);
+        for (rotate, scale_min) in [(45.0, 1.0), (180.0, 1.0), (15.0, 0.7), (0.0, 0.8)] {
+            let aug = Augmenter::new(&AugmentConfig {
+                rotate,
+                scale_min,
+                scale_max: 1.2,
+                ..cfg()
+            });
+            let window = aug.window_for(48);
+            assert!(
+                window > 48 && (window - 48).is_multiple_of(2),
+                "window {window}"
+            );
+            let (mut warped, mut zero_corners) = (0, 0);
+            for seed in 0..40 {
+                let mut rng = StdRng::seed_from_u64(seed);
+                let cut = random_crop(&s, window, &mut rng);
+                let a = centre_crop(&aug.apply(&cut, &mut rng), 48);
+                assert_eq!(a.image.dimensions(), (48, 48));
+                assert!(
+                    a.fov.iter().all(|&v| v == 1),
+                    "rotate {rotate}, scale_min {scale_min}, seed {seed}: a zero-filled pixel"
+                );
+                warped += usize::from(a != centre_crop(&cut, 48));
+                let mut rng = StdRng::seed_from_u64(seed);
+                let plain = aug.apply(&random_crop(&s, 48, &mut rng), &mut rng);
+                zero_corners += usize::from(plain.fov.contains(&0));
+            }
+            assert!(warped > 10 && zero_corners > 10, "{warped} {zero_corners}");
+        }
+        assert_eq!(Augmenter::new(&cfg()).window_for(96), 96);
     }
 
     #[test]

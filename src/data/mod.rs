@@ -18,7 +18,7 @@ mod synthetic;
 
 use std::path::PathBuf;
 
-pub use augment::{random_crop, Augmenter};
+pub use augment::{centre_crop, random_crop, Augmenter};
 pub use decode::decode;
 pub use listing::list;
 pub use normalize::{enhance, prepare, to_chw_f32, to_chw_f32_with, ChannelStats};

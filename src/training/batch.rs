@@ -68,11 +68,17 @@ pub fn build_batch(
                 .get(i)
                 .ok_or_else(|| anyhow!("no normalisation statistics for train image {i}"))?;
             let s = if t.crop > 0 {
-                data::random_crop(full, t.crop, &mut rng)
+                // Cut a window wide enough for the rotation/zoom, augment it, keep its centre.
+                let window = aug.window_for(t.crop);
+                let s = aug.apply(&data::random_crop(full, window, &mut rng), &mut rng);
+                if window > t.crop {
+                    data::centre_crop(&s, t.crop)
+                } else {
+                    s
+                }
             } else {
-                (*full).clone()
+                aug.apply(full, &mut rng)
             };
-            let s = aug.apply(&s, &mut rng);
             let (w, h) = s.image.dimensions();
             let label = s
                 .label
