@@ -643,3 +643,59 @@ mod speed {
         });
     }
 }
+
+#[cfg(test)]
+mod rates {
+    use super::*;
+    use std::time::Instant;
+
+    /// `cargo test --release --lib direct::rates -- --ignored --nocapture`: GFLOP/s of each
+    /// kernel alone (forward, input gradient, weight gradient) on one thread, on the U-Net's
+    /// 3×3 shapes at batch 8 (one thread's half of the bench's batch of 16), without Candle around them.
+    #[test]
+    #[ignore]
+    fn kernel_rates() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for &(n, c, o, hw) in &[
+                (8, 3, 16, 96),
+                (8, 16, 16, 96),
+                (8, 32, 16, 96),
+                (8, 16, 32, 48),
+                (8, 32, 32, 48),
+                (8, 64, 32, 48),
+                (8, 32, 64, 24),
+                (8, 64, 64, 24),
+                (8, 128, 64, 24),
+                (8, 64, 128, 12),
+                (8, 128, 128, 12),
+            ] {
+                let g = Direct { n, c, h: hw, w: hw, o, d: 1 };
+                let x: Vec<f32> = (0..n * c * hw * hw).map(|i| (i % 7) as f32 * 0.1).collect();
+                let gy: Vec<f32> = (0..n * o * hw * hw).map(|i| (i % 5) as f32 * 0.1).collect();
+                let w: Vec<f32> = (0..o * c * 9).map(|i| (i % 3) as f32 * 0.1).collect();
+                let gf = 2.0 * (n * c * o * 9 * hw * hw) as f64 / 1e9;
+                let time = |f: &dyn Fn() -> Vec<f32>| {
+                    let mut t: Vec<f64> = (0..7)
+                        .map(|_| {
+                            let s = Instant::now();
+                            std::hint::black_box(f());
+                            s.elapsed().as_secs_f64()
+                        })
+                        .collect();
+                    t.sort_by(f64::total_cmp);
+                    gf / t[3]
+                };
+                let fwd = time(&|| g.forward(&x, &w));
+                let gx = time(&|| g.grad_input(&gy, &w));
+                let gw = time(&|| g.grad_weight(&x, &gy));
+                println!(
+                    "n {n} c {c:3} o {o:3} {hw:3} px: forward {fwd:5.1}  grad_input {gx:5.1}  grad_weight {gw:5.1} GFLOP/s"
+                );
+            }
+        });
+    }
+}
