@@ -586,6 +586,7 @@ mod tests {
 
 #[cfg(test)]
 mod speed {
+    use super::Direct;
     use crate::model::ops::{conv2d, set_direct_conv};
     use candle_core::{Device, Tensor, Var};
     use std::time::Instant;
@@ -642,16 +643,11 @@ mod speed {
             }
         });
     }
-}
 
-#[cfg(test)]
-mod rates {
-    use super::*;
-    use std::time::Instant;
-
-    /// `cargo test --release --lib direct::rates -- --ignored --nocapture`: GFLOP/s of each
-    /// kernel alone (forward, input gradient, weight gradient) on one thread, on the U-Net's
-    /// 3×3 shapes at batch 8 (one thread's half of the bench's batch of 16), without Candle around them.
+    /// `cargo test --release --lib direct::speed::kernel_rates -- --ignored --nocapture`:
+    /// GFLOP/s of each kernel alone (forward, input gradient, weight gradient) on one thread,
+    /// on the U-Net's 3×3 shapes at batch 8 (one thread's half of the bench's batch of 16),
+    /// without Candle around them.
     #[test]
     #[ignore]
     fn kernel_rates() {
