@@ -17,6 +17,7 @@ mod winograd;
 
 pub use batchnorm::BatchNorm2d;
 pub use conv::{direct_conv_available, set_direct_conv, set_winograd_conv, WinogradMode};
+pub(crate) use generic::cpu_custom;
 pub use generic::{autocast, generic_forced, set_autocast, set_force_generic};
 
 use std::sync::atomic::{AtomicU64, Ordering};
