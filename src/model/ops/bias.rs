@@ -29,15 +29,26 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+/// One parallel pass into an unfilled buffer: a copy (`x.to_vec()`) or a zero fill first ran
+/// on the calling thread while the pool waited.
 fn add<T: WithDType>(x: &[T], b: &[T], hw: usize) -> Vec<T> {
     let c = b.len();
-    let mut y = x.to_vec();
-    y.par_chunks_mut(hw).enumerate().for_each(|(i, plane)| {
-        let v = b[i % c];
-        for e in plane {
-            *e += v;
-        }
-    });
+    if x.is_empty() {
+        return Vec::new();
+    }
+    let mut y = Vec::with_capacity(x.len());
+    y.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(i, (yp, xp))| {
+            let v = b[i % c];
+            for (e, &xv) in yp.iter_mut().zip(xp) {
+                e.write(xv + v);
+            }
+        });
+    // SAFETY: the capacity is x.len(), and the chunks above wrote every element of it.
+    unsafe { y.set_len(x.len()) };
     y
 }
 

@@ -946,7 +946,21 @@ impl<I: IntDType> Map2 for IndexAdd<'_, I> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn copy2d_<T: Copy>(
+/// driveline patch: copies of at least this many elements run on rayon's pool.
+const PAR_COPY_MIN: usize = 1 << 16;
+
+/// driveline patch: a contiguous copy, split across rayon's pool when large.
+fn par_copy<T: Copy + Send + Sync>(src: &[T], dst: &mut [T]) {
+    if dst.len() < PAR_COPY_MIN {
+        dst.copy_from_slice(src);
+    } else {
+        dst.par_chunks_mut(PAR_COPY_MIN / 2)
+            .zip(src.par_chunks(PAR_COPY_MIN / 2))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+}
+
+fn copy2d_<T: Copy + Send + Sync>(
     src: &[T],
     dst: &mut [T],
     d1: usize,
@@ -960,7 +974,23 @@ fn copy2d_<T: Copy>(
     if src_stride1 == d2 && dst_stride1 == d2 {
         let src_start = src_offset;
         let dst_start = dst_offset;
-        dst[dst_start..dst_start + d1 * d2].copy_from_slice(&src[src_start..src_start + d1 * d2]);
+        par_copy(
+            &src[src_start..src_start + d1 * d2],
+            &mut dst[dst_start..dst_start + d1 * d2],
+        );
+        return;
+    }
+    // driveline patch: rows in parallel (rayon's pool) when the copy is large. The rows of
+    // `dst` are disjoint (dst_stride1 >= d2); those of `src` may overlap (a broadcast's stride
+    // 0), so they are indexed rather than chunked.
+    if d1 > 1 && d1 * d2 >= PAR_COPY_MIN && dst_stride1 >= d2 {
+        let dst = &mut dst[dst_offset..dst_offset + (d1 - 1) * dst_stride1 + d2];
+        dst.par_chunks_mut(dst_stride1)
+            .enumerate()
+            .for_each(|(i, row)| {
+                let s = src_offset + i * src_stride1;
+                par_copy(&src[s..s + d2], &mut row[..d2]);
+            });
         return;
     }
     let mut src_idx = src_offset;
@@ -972,7 +1002,12 @@ fn copy2d_<T: Copy>(
     }
 }
 
-fn copy_strided_src_<T: Copy>(src: &[T], dst: &mut [T], dst_offset: usize, src_l: &Layout) {
+fn copy_strided_src_<T: Copy + Send + Sync>(
+    src: &[T],
+    dst: &mut [T],
+    dst_offset: usize,
+    src_l: &Layout,
+) {
     match src_l.strided_blocks() {
         crate::StridedBlocks::SingleBlock { start_offset, len } => dst
             [dst_offset..dst_offset + len]
