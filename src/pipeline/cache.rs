@@ -19,15 +19,22 @@
 //! 2. every file's content hash equals the manifest's, once per object per process. A stamp
 //!    (DVC's "state database" idea) skips re-hashing files whose size, mtime, ctime and inode
 //!    are what they were when they were last hashed: any write through the file system changes
-//!    the ctime, which no user call can set back. `DRIVELINE_VERIFY=full` ignores stamps, and
-//!    `driveline cache verify` always hashes.
+//!    the ctime, which no user call can set back. But timestamps advance in ticks (a jiffy,
+//!    or an NFS server's granularity, before Linux 6.13's multigrain timestamps): a write in
+//!    the tick the stamp was taken in leaves it unchanged. So, as git does for "racily clean"
+//!    index entries, a stamp is trusted only for a file whose ctime and mtime are strictly
+//!    older than the stamps file's own mtime (set by the same file system's clock, so no
+//!    NFS client/server skew); any other file is hashed again: a cost, never a wrong answer,
+//!    and only until a check rewrites the stamps file in a later tick.
+//!    Each file is stamped before it is hashed, so a write after the hash changes its stamp.
+//!    `DRIVELINE_VERIFY=full` ignores stamps, and `driveline cache verify` always hashes.
 //!
 //! A damaged object is moved to `quarantine/` (for inspection; nothing is deleted) and
 //! reported with its key and the bad file; the stage then counts as stale and is recomputed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -139,16 +146,34 @@ fn set_verified(root: &Path, key: &str, yes: bool) {
     }
 }
 
-/// Per file: (size, mtime ns, ctime ns, inode) when it was last hashed and matched.
-type Stamps = BTreeMap<String, (u64, i128, i128, u64)>;
+/// A file's (size, mtime ns, ctime ns, inode).
+type Stamp = (u64, i128, i128, u64);
 
-fn stamp_of(md: &fs::Metadata) -> (u64, i128, i128, u64) {
+/// Per file: its stamp when it was last hashed and matched.
+type Stamps = BTreeMap<String, Stamp>;
+
+fn stamp_of(md: &fs::Metadata) -> Stamp {
     (
         md.len(),
-        md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
-        md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128,
+        nanos(md.mtime(), md.mtime_nsec()),
+        nanos(md.ctime(), md.ctime_nsec()),
         md.ino(),
     )
+}
+
+fn nanos(secs: i64, nsec: i64) -> i128 {
+    secs as i128 * 1_000_000_000 + nsec as i128
+}
+
+/// Whether a file's recorded stamp still vouches for its content: the stamp is unchanged,
+/// and the file last changed strictly before the stamps file was written (`written`, its
+/// mtime in ns). A file that changed in the tick the stamps were written in is "racily
+/// clean": a write later in that tick would have left its stamp as recorded.
+fn stamp_vouches(recorded: Option<&Stamp>, current: Option<&Stamp>, written: i128) -> bool {
+    match (recorded, current) {
+        (Some(r), Some(c)) => r == c && c.1 < written && c.2 < written,
+        _ => false,
+    }
 }
 
 impl Cache {
@@ -259,16 +284,15 @@ impl Cache {
         if !again && verified(&self.root, key) {
             return Ok(m);
         }
-        let stamps: Stamps = match depth {
-            Depth::Full => Stamps::new(),
-            Depth::Stamped => fs::read_to_string(self.stamp_path(key))
-                .ok()
-                .and_then(|s| serde_json::from_str(&s).ok())
-                .unwrap_or_default(),
+        let stamps = match depth {
+            Depth::Full => None,
+            Depth::Stamped => self.read_stamps(key),
         };
         for (rel, (_, hash)) in &m.files {
-            if stamps.get(rel) == now.get(rel) {
-                continue;
+            if let Some((recorded, written)) = &stamps {
+                if stamp_vouches(recorded.get(rel), now.get(rel), *written) {
+                    continue;
+                }
             }
             match hash_file(&dir.join(rel)) {
                 Ok(h) if &h == hash => {}
@@ -291,8 +315,22 @@ impl Cache {
         Ok(m)
     }
 
-    /// Record the files' stamps after they were hashed (best effort: a missing stamp only
-    /// costs a re-hash).
+    /// The stamps recorded for `key` and when they were written: the stamps file's mtime in
+    /// ns, from the clock that dates the objects' files. None when there are none to read
+    /// (best effort: that only costs a re-hash).
+    fn read_stamps(&self, key: &str) -> Option<(Stamps, i128)> {
+        // One open file for both: a concurrent rewrite (a rename) cannot pair the old
+        // content with the new mtime.
+        let mut f = File::open(self.stamp_path(key)).ok()?;
+        let md = f.metadata().ok()?;
+        let mut text = String::new();
+        f.read_to_string(&mut text).ok()?;
+        let stamps = serde_json::from_str(&text).ok()?;
+        Some((stamps, nanos(md.mtime(), md.mtime_nsec())))
+    }
+
+    /// Record the files' stamps, taken before they were hashed (best effort: a missing stamp
+    /// only costs a re-hash).
     fn write_stamps(&self, key: &str, stamps: &Stamps) {
         let path = self.stamp_path(key);
         let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
@@ -356,15 +394,16 @@ impl Cache {
     /// existing object.
     pub fn publish(&self, key: &str, mut manifest: Manifest) -> Result<Manifest> {
         let work = self.work_dir(key);
-        manifest.files = list_files(&work)?
-            .into_iter()
-            .filter(|rel| rel != MANIFEST)
-            .map(|rel| {
-                let p = work.join(&rel);
-                let size = fs::metadata(&p)?.len();
-                Ok((rel, (size, hash_file(&p)?)))
-            })
-            .collect::<Result<_>>()?;
+        // Stamp each file before hashing it: a write after the hash then changes the stamp.
+        let mut stamps = Stamps::new();
+        manifest.files = BTreeMap::new();
+        for rel in list_files(&work)?.into_iter().filter(|rel| rel != MANIFEST) {
+            let p = work.join(&rel);
+            let md =
+                fs::symlink_metadata(&p).with_context(|| format!("cannot read {}", p.display()))?;
+            stamps.insert(rel.clone(), stamp_of(&md));
+            manifest.files.insert(rel, (md.len(), hash_file(&p)?));
+        }
         let tmp = work.join(format!("{MANIFEST}.tmp"));
         {
             let mut f =
@@ -384,15 +423,8 @@ impl Cache {
         }
         fs::rename(&work, &dest)
             .with_context(|| format!("cannot publish {} to {}", work.display(), dest.display()))?;
-        // Just hashed: stamp the published files so the next process need not hash them again.
-        let stamps: Stamps = manifest
-            .files
-            .keys()
-            .filter_map(|rel| {
-                let md = fs::symlink_metadata(dest.join(rel)).ok()?;
-                Some((rel.clone(), stamp_of(&md)))
-            })
-            .collect();
+        // Just hashed: the next process need not hash them again (renaming their directory
+        // changes none of their stamps; where it did, that would only cost a re-hash).
         self.write_stamps(key, &stamps);
         set_verified(&self.root, key, true);
         Ok(manifest)
@@ -505,6 +537,7 @@ pub fn hash_tree(root: &Path, content: bool) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     fn manifest(key: &str) -> Manifest {
         Manifest {
@@ -542,6 +575,32 @@ mod tests {
 
     fn forget_this_process(c: &Cache, key: &str) {
         set_verified(&c.root, key, false);
+    }
+
+    /// Record `rel`'s current stamp, as if its (damaged) content had been hashed and matched.
+    fn forge_stamp(c: &Cache, key: &str, rel: &str) {
+        let mut stamps: Stamps =
+            serde_json::from_str(&fs::read_to_string(c.stamp_path(key)).unwrap()).unwrap();
+        let md = fs::metadata(c.object_dir(key).join(rel)).unwrap();
+        stamps.insert(rel.into(), stamp_of(&md));
+        c.write_stamps(key, &stamps);
+    }
+
+    /// When `path` last changed (its ctime).
+    fn ctime_of(path: &Path) -> SystemTime {
+        let md = fs::metadata(path).unwrap();
+        UNIX_EPOCH + Duration::new(md.ctime() as u64, md.ctime_nsec() as u32)
+    }
+
+    /// Date the stamps file of `key` as if it had been written at `t`: the timestamp tick it
+    /// lands in, which the kernel decides, is what the racy-clean rule compares with.
+    fn set_stamps_written(c: &Cache, key: &str, t: SystemTime) {
+        let f = File::options().write(true).open(c.stamp_path(key)).unwrap();
+        f.set_modified(t).unwrap();
+    }
+
+    fn stamps_written(c: &Cache, key: &str) -> SystemTime {
+        fs::metadata(c.stamp_path(key)).unwrap().modified().unwrap()
     }
 
     #[test]
@@ -619,13 +678,12 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let c = Cache::open(tmp.path()).unwrap();
         published(&c, "k1");
-        // Forge a stamp that matches the damaged file: only a full check sees the damage.
+        // Forge a stamp that matches the damaged file, written a tick after the damage (not
+        // racily clean on any kernel): only a full check sees the damage.
         let f = c.object_dir("k1").join("b.bin");
         flip_byte(&f, 99);
-        let mut stamps: Stamps =
-            serde_json::from_str(&fs::read_to_string(c.stamp_path("k1")).unwrap()).unwrap();
-        stamps.insert("b.bin".into(), stamp_of(&fs::metadata(&f).unwrap()));
-        c.write_stamps("k1", &stamps);
+        forge_stamp(&c, "k1", "b.bin");
+        set_stamps_written(&c, "k1", ctime_of(&f) + Duration::from_secs(1));
         forget_this_process(&c, "k1");
         assert!(matches!(
             c.check_with("k1", Depth::Stamped, false),
@@ -635,6 +693,68 @@ mod tests {
             c.check_with("k1", Depth::Full, true),
             Check::Damaged(_)
         ));
+    }
+
+    /// Before Linux 6.13 (and on NFS) a write in the tick the stamps were written in leaves
+    /// the file's stamp as recorded. Forged here, whatever the kernel: the stamp matches the
+    /// damaged file, but the file changed no earlier than the stamps file was written, so the
+    /// stamp must not be trusted.
+    #[test]
+    fn racily_clean_stamp_is_not_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Cache::open(tmp.path()).unwrap();
+        published(&c, "k1");
+        let f = c.object_dir("k1").join("b.bin");
+        flip_byte(&f, 99);
+        forge_stamp(&c, "k1", "b.bin");
+        // The same tick, at the boundary: "not older" includes equal.
+        set_stamps_written(&c, "k1", ctime_of(&f));
+        forget_this_process(&c, "k1");
+        let Check::Damaged(d) = c.check_with("k1", Depth::Stamped, false) else {
+            panic!("a racily clean stamp must not vouch for a flipped byte")
+        };
+        assert_eq!(d.file, "b.bin");
+        assert!(d.problem.contains("does not match its manifest"), "{d}");
+    }
+
+    /// The rule must not cost the optimisation: a stamp taken before the stamps file was
+    /// written still skips the hash (seen here because the damage it vouches for is missed).
+    #[test]
+    fn stamp_older_than_its_stamps_file_is_trusted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Cache::open(tmp.path()).unwrap();
+        published(&c, "k1");
+        let f = c.object_dir("k1").join("b.bin");
+        flip_byte(&f, 99);
+        forge_stamp(&c, "k1", "b.bin");
+        set_stamps_written(&c, "k1", ctime_of(&f) + Duration::from_secs(1));
+        forget_this_process(&c, "k1");
+        assert!(matches!(
+            c.check_with("k1", Depth::Stamped, false),
+            Check::Valid(_)
+        ));
+    }
+
+    /// A racily clean file that is intact costs one re-hash: the check succeeds and rewrites
+    /// the stamps file (a later mtime), and checking again neither fails nor loops, whether
+    /// or not the new stamps file landed in the file's tick.
+    #[test]
+    fn racily_clean_intact_file_is_rehashed_and_restamped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Cache::open(tmp.path()).unwrap();
+        published(&c, "k1");
+        let recorded = fs::read_to_string(c.stamp_path("k1")).unwrap();
+        let racy = UNIX_EPOCH + Duration::from_secs(1);
+        set_stamps_written(&c, "k1", racy);
+        for _ in 0..2 {
+            forget_this_process(&c, "k1");
+            assert!(matches!(
+                c.check_with("k1", Depth::Stamped, false),
+                Check::Valid(_)
+            ));
+            assert!(stamps_written(&c, "k1") > racy);
+            assert_eq!(fs::read_to_string(c.stamp_path("k1")).unwrap(), recorded);
+        }
     }
 
     #[test]
