@@ -68,6 +68,55 @@ fn killed_training_with_an_ema_resumes_to_the_same_average() {
     );
 }
 
+/// A run killed while saving a period (after `last.safetensors`, before `state.json`) leaves
+/// weights one period ahead of the periods `state.json` records: the rerun must not resume
+/// from them, and still ends with an uninterrupted run's weights. The kill is simulated
+/// without timing: a finished run's output goes back to its work directory, with a
+/// `state.json` recording only the first of its two periods.
+#[test]
+fn training_killed_while_saving_a_period_ends_as_an_uninterrupted_run() {
+    let exp = EXP.replace("epochs = 8", "epochs = 2");
+    let p = Project::new();
+    let e = p.experiment("r", &exp);
+    let e = e.to_str().unwrap();
+    p.run_json(&[e, "--until", "train"]);
+    let out = p.path().join("runs/r/train");
+    let reference = weights(&out.join("last.safetensors"));
+
+    // `runs/r/train` links to the published object; its key names the work directory.
+    let object = out.canonicalize().unwrap();
+    let work = p
+        .path()
+        .join(".driveline/cache/work")
+        .join(object.file_name().unwrap());
+    std::fs::rename(&object, &work).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(work.join("summary.json")).unwrap()).unwrap();
+    let first = &summary["history"][0];
+    assert_eq!(first["period"], 1);
+    let state = serde_json::json!({
+        "history": [first],
+        "best_loss": [1, first["valid_loss"]],
+        "best_miou": [1, first["miou"]],
+    });
+    std::fs::write(work.join("state.json"), state.to_string()).unwrap();
+    for f in ["summary.json", "MANIFEST.json"] {
+        std::fs::remove_file(work.join(f)).unwrap();
+    }
+
+    let rerun = p.run(&["run", e, "--until", "train"]);
+    let log = String::from_utf8_lossy(&rerun.stderr);
+    assert!(rerun.status.success(), "{log}");
+    let (k, diff) = max_diff(&reference, &weights(&out.join("last.safetensors")));
+    assert_eq!(diff, 0.0, "{k} differs by {diff} after the rerun:\n{log}");
+    assert!(
+        log.contains("killed while saving"),
+        "the rerun did not say why it started over:\n{log}"
+    );
+    let metrics = std::fs::read_to_string(out.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "header + 2 epochs");
+}
+
 /// The tensor of `a` farthest from its namesake in `b` (same keys asserted), and the largest
 /// absolute difference of their elements.
 fn max_diff(a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>) -> (String, f64) {

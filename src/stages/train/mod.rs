@@ -13,7 +13,8 @@
 //!    pretrained weights, the optimiser.
 //! 3. `period_plan`: how many periods of how many optimiser steps.
 //! 4. `resume`: the periods a killed run completed (`state.json`, the last weights and
-//!    optimiser state), or a work folder emptied of anything else.
+//!    optimiser state), or a work folder emptied of anything else (also when the run was
+//!    killed while saving a period, its last weights ahead of `state.json`).
 //! 5. For each period not yet done:
 //!    - `run_period`: a loader thread builds the period's batches ahead (`PeriodPlan::batches`
 //!      says which images each step draws) while this thread takes the optimiser steps
@@ -403,44 +404,123 @@ impl PeriodPlan {
 /// The state of a killed run's completed periods, with the model and optimiser restored to
 /// the last of them; or, with nothing to resume, a fresh state and a work folder emptied of
 /// whatever a failed attempt left.
+///
+/// `state.json` is the commit point: the resume files (`LAST`, with `train.ema` `LAST_RAW`,
+/// and `LAST_OPTIM`) are overwritten in place before it, so a run killed between them and
+/// `state.json` leaves weights one period ahead of what `state.json` records. Resuming from
+/// those would retrain that period from the wrong starting point and silently end elsewhere
+/// than an uninterrupted run, so such a run starts over instead (see [`uncommitted_checkpoint`]
+/// for why checking the checkpoints' periods is enough).
 fn resume(out: &Path, s: &mut Setup, plan: &PeriodPlan, progress: &Progress) -> Result<State> {
-    let state: State = match fs::read_to_string(out.join(STATE)) {
+    let state = read_state(out)?;
+    let done = state.history.len();
+    if done == 0 {
+        clear_work_dir(out)?;
+        return Ok(State::default());
+    }
+    if let Some((file, period)) = uncommitted_checkpoint(out, s.ema.is_some(), done)? {
+        progress.log(&format!(
+            "{file} was saved after period {period} but {STATE} records period {done} as the last done (killed while saving): starting over"
+        ));
+        clear_work_dir(out)?;
+        return Ok(State::default());
+    }
+    let raw = if s.ema.is_some() { LAST_RAW } else { LAST };
+    s.model
+        .load_state_dict(&load_tensors(&out.join(raw), &s.device)?)?;
+    if let Some(e) = &mut s.ema {
+        e.model
+            .load_state_dict(&load_tensors(&out.join(LAST), &s.device)?)?;
+        e.updates = state.history.last().map_or(0, |r| r.step) as u64;
+    }
+    s.opt.load(&out.join(LAST_OPTIM))?;
+    progress.log(&format!(
+        "resuming after period {done} ({} done)",
+        plan.name(done - 1)
+    ));
+    Ok(state)
+}
+
+/// `state.json` of a killed run, or an empty state when there is none.
+fn read_state(out: &Path) -> Result<State> {
+    match fs::read_to_string(out.join(STATE)) {
         Ok(text) => serde_json::from_str(&text).with_context(|| {
             format!(
                 "malformed {STATE} in the train work directory {}",
                 out.display()
             )
-        })?,
-        Err(_) => State::default(),
-    };
-    let done = state.history.len();
-    if done > 0 {
-        let raw = if s.ema.is_some() { LAST_RAW } else { LAST };
-        s.model
-            .load_state_dict(&load_tensors(&out.join(raw), &s.device)?)?;
-        if let Some(e) = &mut s.ema {
-            e.model
-                .load_state_dict(&load_tensors(&out.join(LAST), &s.device)?)?;
-            e.updates = state.history.last().map_or(0, |r| r.step) as u64;
-        }
-        s.opt.load(&out.join(LAST_OPTIM))?;
-        progress.log(&format!(
-            "resuming after period {done} ({} done)",
-            plan.name(done - 1)
-        ));
-    } else {
-        let entries = fs::read_dir(out)
-            .with_context(|| format!("cannot list the train work directory {}", out.display()))?;
-        for stale in entries.flatten() {
-            let p = stale.path();
-            if p.is_dir() {
-                fs::remove_dir_all(&p).ok();
-            } else {
-                fs::remove_file(&p).ok();
-            }
+        }),
+        Err(_) => Ok(State::default()),
+    }
+}
+
+/// The first checkpoint that resume would load (`LAST`, and with `with_ema` `LAST_RAW`) whose
+/// metadata say it was saved after a period other than period `done`, the last that
+/// `state.json` records, as (file, its period); `None` when they all match.
+///
+/// Why the checkpoints' periods are enough: [`keep_checkpoints`] writes period k+1's files in
+/// the order `BEST_LOSS`/`BEST_IOU` (when improved), `LAST`, `LAST_RAW`, `LAST_OPTIM`,
+/// `metrics.csv`, `state.json`, each by an atomic rename. A kill
+/// - before `LAST` leaves every resume file at period k, matching `state.json`: the resume is
+///   sound;
+/// - after `LAST` (whatever follows) leaves `LAST` at period k+1: caught here.
+///
+/// `LAST_OPTIM` records no period, but it is written after `LAST`, so it cannot be ahead of
+/// `state.json` while `LAST` is not. `LAST_RAW` is checked too although `LAST` decides alone:
+/// it is what the model resumes from, and reading a header is cheap.
+///
+/// The best checkpoints of a run killed after writing them but before `LAST` hold period k+1
+/// while `state.json` still holds period k's best figures. The resume reruns period k+1 from
+/// the same weights against the same recorded bests and, training being deterministic for a
+/// given thread count and device, reaches the same figures and rewrites the same weights.
+/// Caveat: a rerun on another thread count or device (f32 sums in another order) may decide
+/// differently, and a best checkpoint may then keep the killed attempt's weights while
+/// `summary.json` names an earlier period; such a rerun would not be bitwise equal to an
+/// uninterrupted run anyway.
+fn uncommitted_checkpoint(
+    out: &Path,
+    with_ema: bool,
+    done: usize,
+) -> Result<Option<(&'static str, usize)>> {
+    let files: &[&'static str] = if with_ema { &[LAST, LAST_RAW] } else { &[LAST] };
+    for &file in files {
+        let period = saved_after(&out.join(file))?;
+        if period != done {
+            return Ok(Some((file, period)));
         }
     }
-    Ok(state)
+    Ok(None)
+}
+
+/// The period (1-based) after which the checkpoint at `path` was saved, from its metadata
+/// (the `extra` that [`keep_checkpoints`] writes), without reading its tensors.
+fn saved_after(path: &Path) -> Result<usize> {
+    let meta = checkpoint::read_meta(path)
+        .with_context(|| format!("cannot resume from {}", path.display()))?;
+    meta.extra["period"]
+        .as_u64()
+        .map(|p| p as usize)
+        .ok_or_else(|| {
+            anyhow!(
+                "cannot resume from {}: its metadata record no period",
+                path.display()
+            )
+        })
+}
+
+/// Empties the train work directory of whatever a killed or failed attempt left.
+fn clear_work_dir(out: &Path) -> Result<()> {
+    let entries = fs::read_dir(out)
+        .with_context(|| format!("cannot list the train work directory {}", out.display()))?;
+    for stale in entries.flatten() {
+        let p = stale.path();
+        if p.is_dir() {
+            fs::remove_dir_all(&p).ok();
+        } else {
+            fs::remove_file(&p).ok();
+        }
+    }
+    Ok(())
 }
 
 /// What every period reads: the train images (enhanced per `data.normalize`, whole images
@@ -634,7 +714,8 @@ fn validate(
 
 /// After validating `row`: the best-by-loss and best-by-IoU checkpoints when `row` beats
 /// them, the last checkpoint and optimiser state, `metrics.csv`, and `state.json` last (the
-/// period counts as done once it is written).
+/// period counts as done once it is written; [`uncommitted_checkpoint`] says what a kill
+/// before that leaves).
 fn keep_checkpoints(state: &mut State, row: PeriodRow, s: &Setup, out: &Path) -> Result<()> {
     let extra = |what: &str| serde_json::json!({"period": row.period, "step": row.step, "selected_by": what, "valid_miou": row.miou, "valid_loss": row.valid_loss});
     let save = |what: &str, file: &str| {
@@ -878,6 +959,42 @@ mod tests {
         assert_eq!(b.len(), 2);
         assert!(b.iter().all(|s| s.len() == 3 && s.iter().all(|&i| i < 10)));
         assert_eq!(b, p.batches(&t, 1, 10));
+    }
+
+    /// A run killed after saving period 3's last weights but before its `state.json` (2
+    /// periods done) is caught, by `LAST` or, with a moving average, by `LAST_RAW`; `LAST_RAW`
+    /// is not looked at without one.
+    #[test]
+    fn checkpoints_ahead_of_the_state_are_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::config::ModelConfig {
+            arch: crate::config::Arch::Unet,
+            widths: vec![4, 8],
+            ..Default::default()
+        };
+        let model = SegModel::new(&cfg, &Device::Cpu, 0).unwrap();
+        let pre = CkptPreprocess {
+            imgsz: 16,
+            normalize: Normalize::Imagenet,
+            crop: 0,
+        };
+        let save = |file: &str, period: usize| {
+            let extra = serde_json::json!({"period": period, "step": 4 * period});
+            checkpoint::save(&model, &pre, extra, None, &dir.path().join(file)).unwrap();
+        };
+        let caught = |ema: bool| uncommitted_checkpoint(dir.path(), ema, 2).unwrap();
+        save(LAST, 2);
+        save(LAST_RAW, 2);
+        assert_eq!(caught(true), None);
+        save(LAST_RAW, 3);
+        assert_eq!(caught(true), Some((LAST_RAW, 3)));
+        assert_eq!(caught(false), None);
+        save(LAST, 3);
+        assert_eq!(caught(true), Some((LAST, 3)));
+        assert_eq!(caught(false), Some((LAST, 3)));
+        fs::remove_file(dir.path().join(LAST)).unwrap();
+        let e = uncommitted_checkpoint(dir.path(), false, 2).unwrap_err();
+        assert!(format!("{e:#}").contains("cannot resume from"), "{e:#}");
     }
 
     /// A `metrics.csv` written before the rename (an `epoch` column) still reads.
