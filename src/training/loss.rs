@@ -21,21 +21,26 @@ use crate::model::ops;
 /// `weight × (1 − soft clDice)` with `[train.cldice]`.
 pub fn loss_fn(exp: &Experiment, logits: &Tensor, labels: &[u8]) -> Result<Tensor> {
     let (_, c, _, _) = logits.dims4()?;
-    let weights: Vec<f32> = if exp.train.class_weights.is_empty() {
-        vec![1.0; c]
-    } else {
-        exp.train.class_weights.iter().map(|&x| x as f32).collect()
-    };
+    let weights = class_weights(exp, c);
     let dice = exp.train.loss == Loss::CeDice;
+    if (dice || exp.train.cldice.is_some()) && c < 2 {
+        anyhow::bail!(
+            "the Dice and clDice terms need a vessel class: the model has {c} output channel(s)"
+        );
+    }
     if exp.train.cldice.is_none() && ops::cpu_custom(logits) {
-        if dice && c < 2 {
-            anyhow::bail!(
-                "the Dice and clDice terms need a vessel class: the model has {c} output channel(s)"
-            );
-        }
         return fused_ce_dice(logits, labels, &weights, dice);
     }
     composite_loss(exp, logits, labels, &weights)
+}
+
+/// `train.class_weights`, or 1 for each of the `c` classes.
+fn class_weights(exp: &Experiment, c: usize) -> Vec<f32> {
+    if exp.train.class_weights.is_empty() {
+        vec![1.0; c]
+    } else {
+        exp.train.class_weights.iter().map(|&x| x as f32).collect()
+    }
 }
 
 /// [`loss_fn`] as a composition of Candle ops: every device, and clDice.
@@ -63,11 +68,6 @@ fn composite_loss(
     let dice = exp.train.loss == Loss::CeDice;
     if !dice && exp.train.cldice.is_none() {
         return Ok(loss);
-    }
-    if c < 2 {
-        anyhow::bail!(
-            "the Dice and clDice terms need a vessel class: the model has {c} output channel(s)"
-        );
     }
     // The vessel probabilities and target, shared by the Dice and clDice terms.
     let p1 = candle_nn::ops::softmax(logits, 1)?.narrow(1, 1, 1)?;
@@ -240,16 +240,6 @@ impl FusedCeDice {
     }
 }
 
-fn contiguous_slice<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("fused loss: logits must be contiguous"),
-    }
-}
-
 impl CustomOp1 for FusedCeDice {
     fn name(&self) -> &'static str {
         "driveline-ce-dice"
@@ -259,11 +249,11 @@ impl CustomOp1 for FusedCeDice {
         let (_, c, h, w) = l.shape().dims4()?;
         let (sums, out) = match s {
             CpuStorage::F32(_) => {
-                let sums = self.forward(contiguous_slice::<f32>(s, l)?, c, h * w);
+                let sums = self.forward(ops::cpu_slice::<f32>(s, l, "fused loss")?, c, h * w);
                 (sums, CpuStorage::F32(vec![sums.loss(self.dice) as f32]))
             }
             CpuStorage::F64(_) => {
-                let sums = self.forward(contiguous_slice::<f64>(s, l)?, c, h * w);
+                let sums = self.forward(ops::cpu_slice::<f64>(s, l, "fused loss")?, c, h * w);
                 (sums, CpuStorage::F64(vec![sums.loss(self.dice)]))
             }
             _ => candle_core::bail!("fused loss: unsupported dtype {:?}", s.dtype()),
@@ -282,11 +272,23 @@ impl CustomOp1 for FusedCeDice {
         let (s, l) = z.storage_and_layout();
         let gz = match &*s {
             candle_core::Storage::Cpu(cs @ CpuStorage::F32(_)) => {
-                let v = self.backward(contiguous_slice::<f32>(cs, l)?, c, h * w, sums, g);
+                let v = self.backward(
+                    ops::cpu_slice::<f32>(cs, l, "fused loss")?,
+                    c,
+                    h * w,
+                    sums,
+                    g,
+                );
                 Tensor::from_vec(v, z.shape(), z.device())?
             }
             candle_core::Storage::Cpu(cs @ CpuStorage::F64(_)) => {
-                let v = self.backward(contiguous_slice::<f64>(cs, l)?, c, h * w, sums, g);
+                let v = self.backward(
+                    ops::cpu_slice::<f64>(cs, l, "fused loss")?,
+                    c,
+                    h * w,
+                    sums,
+                    g,
+                );
                 Tensor::from_vec(v, z.shape(), z.device())?
             }
             _ => candle_core::bail!("fused loss: backward needs CPU f32/f64 logits"),
@@ -389,14 +391,6 @@ mod tests {
         e
     }
 
-    fn weights_f32(e: &Experiment, c: usize) -> Vec<f32> {
-        if e.train.class_weights.is_empty() {
-            vec![1.0; c]
-        } else {
-            e.train.class_weights.iter().map(|&v| v as f32).collect()
-        }
-    }
-
     /// Loss value and gradient (as f64 vectors) of one path.
     fn value_and_grad(loss: Tensor, z: &Var) -> (f64, Vec<f64>) {
         let g = loss.backward().unwrap();
@@ -426,7 +420,7 @@ mod tests {
                 let e = experiment(dice, &weights);
                 for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-6)] {
                     let (z, labels) = case(3, c, 5, 7, dtype);
-                    let w = weights_f32(&e, c);
+                    let w = class_weights(&e, c);
                     let fused = value_and_grad(
                         fused_ce_dice(z.as_tensor(), &labels, &w, dice).unwrap(),
                         &z,

@@ -9,6 +9,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::conv::slice;
+
 /// `x` [N, C, H, W] + `b` [C] broadcast over N, H, W.
 pub(crate) fn add_channel_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (_, c, _, _) = x.dims4()?;
@@ -19,13 +21,6 @@ pub(crate) fn add_channel_bias(x: &Tensor, b: &Tensor) -> Result<Tensor> {
         x.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
     } else {
         super::generic::add_channel_bias(x, b)
-    }
-}
-
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("bias add: input must be contiguous"),
     }
 }
 
@@ -85,12 +80,16 @@ impl CustomOp2 for BiasAdd {
     ) -> Result<(CpuStorage, Shape)> {
         let (_, _, h, w) = l1.shape().dims4()?;
         let y = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                CpuStorage::F32(add(slice(s1, l1)?, slice(s2, l2)?, h * w))
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                CpuStorage::F64(add(slice(s1, l1)?, slice(s2, l2)?, h * w))
-            }
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(add(
+                slice(s1, l1, "bias add")?,
+                slice(s2, l2, "bias add")?,
+                h * w,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(add(
+                slice(s1, l1, "bias add")?,
+                slice(s2, l2, "bias add")?,
+                h * w,
+            )),
             _ => candle_core::bail!(
                 "bias add: unsupported dtypes {:?} / {:?}",
                 s1.dtype(),
@@ -127,8 +126,12 @@ impl candle_core::CustomOp1 for ChannelSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = l.shape().dims4()?;
         let out = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(channel_sums(slice::<f32>(s, l)?, c, h * w)),
-            CpuStorage::F64(_) => CpuStorage::F64(channel_sums(slice::<f64>(s, l)?, c, h * w)),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(channel_sums(slice::<f32>(s, l, "bias add")?, c, h * w))
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(channel_sums(slice::<f64>(s, l, "bias add")?, c, h * w))
+            }
             _ => candle_core::bail!("channel sum: unsupported dtype {:?}", s.dtype()),
         };
         Ok((out, Shape::from(c)))

@@ -852,7 +852,7 @@ fn grad_input<T: WithDType>(g: &ConvGeom, plan: &Plan, gy: &[T], w: &[T]) -> Vec
 }
 
 /// Contiguous slice of a CPU storage, or an error naming the op.
-pub(super) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => candle_core::bail!("{op}: input must be contiguous"),

@@ -16,6 +16,7 @@ mod resize;
 mod winograd;
 
 pub use batchnorm::BatchNorm2d;
+pub(crate) use conv::slice as cpu_slice;
 pub use conv::{direct_conv_available, set_direct_conv, set_winograd_conv, WinogradMode};
 pub(crate) use generic::cpu_custom;
 pub use generic::{autocast, generic_forced, set_autocast, set_force_generic};

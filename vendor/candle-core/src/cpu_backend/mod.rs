@@ -945,7 +945,6 @@ impl<I: IntDType> Map2 for IndexAdd<'_, I> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 /// driveline patch: copies of at least this many elements run on rayon's pool.
 const PAR_COPY_MIN: usize = 1 << 16;
 
@@ -960,6 +959,7 @@ fn par_copy<T: Copy + Send + Sync>(src: &[T], dst: &mut [T]) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn copy2d_<T: Copy + Send + Sync>(
     src: &[T],
     dst: &mut [T],
