@@ -7,11 +7,11 @@
 //! `gx = w·invstd·(gy − mean(gy) − x̂·mean(gy·x̂))`, `gw = Σ gy·x̂`, `gb = Σ gy`
 //! (per channel, sums in f64).
 
+use super::filled;
 use candle_core::{
     CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, Var, WithDType,
 };
 use rayon::prelude::*;
-use std::mem::MaybeUninit;
 
 /// BatchNorm2d with PyTorch semantics.
 ///
@@ -303,19 +303,6 @@ fn channel_stats<T: WithDType>(x: &[T], c: usize, hw: usize) -> (Vec<f64>, Vec<f
         })
         .unzip();
     (mean, var)
-}
-
-/// A vector of `len` elements that `fill` writes, without zero-filling it first (the passes
-/// below write each output element once).
-///
-/// # Safety
-/// `fill` must initialise every one of the `len` elements it is given.
-unsafe fn filled<T: WithDType>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
-    let mut v = Vec::with_capacity(len);
-    fill(&mut v.spare_capacity_mut()[..len]);
-    // SAFETY: the caller's promise.
-    unsafe { v.set_len(len) };
-    v
 }
 
 /// Fused training-mode normalisation (x, weight, bias) -> y with precomputed batch statistics.

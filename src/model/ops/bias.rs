@@ -31,20 +31,21 @@ fn add<T: WithDType>(x: &[T], b: &[T], hw: usize) -> Vec<T> {
     if x.is_empty() {
         return Vec::new();
     }
-    let mut y = Vec::with_capacity(x.len());
-    y.spare_capacity_mut()[..x.len()]
-        .par_chunks_mut(hw)
-        .zip(x.par_chunks(hw))
-        .enumerate()
-        .for_each(|(i, (yp, xp))| {
-            let v = b[i % c];
-            for (e, &xv) in yp.iter_mut().zip(xp) {
-                e.write(xv + v);
-            }
-        });
-    // SAFETY: the capacity is x.len(), and the chunks above wrote every element of it.
-    unsafe { y.set_len(x.len()) };
-    y
+    // SAFETY: the chunks of `hw` elements below cover all x.len() of them, and each writes
+    // every element of its chunk.
+    unsafe {
+        super::filled(x.len(), |y| {
+            y.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw))
+                .enumerate()
+                .for_each(|(i, (yp, xp))| {
+                    let v = b[i % c];
+                    for (e, &xv) in yp.iter_mut().zip(xp) {
+                        e.write(xv + v);
+                    }
+                });
+        })
+    }
 }
 
 /// Per-channel sums of `g` [N, C, HW] (f64 accumulation).

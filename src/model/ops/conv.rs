@@ -400,18 +400,28 @@ impl<T: WithDType> Work<T> {
     }
 }
 
-/// The weight columns of `taps`, as an [O, C·taps] matrix with column `c·taps + t`.
+/// The weight columns of `taps`, as an [O, C·taps] matrix with column `c·taps + t`. One row
+/// per task: ASPP's rate-12 branch on a 32×32 map gathers 25.7 M elements per call, which ran
+/// on the calling thread while the pool waited.
 fn gather_weight<T: WithDType>(g: &ConvGeom, w: &[T], taps: &[(usize, usize)]) -> Vec<T> {
-    let (k, khw) = (g.k(), g.kh * g.kw);
-    let mut out = Vec::with_capacity(g.o * g.c * taps.len());
-    for o in 0..g.o {
-        for c in 0..g.c {
-            for &(ki, kj) in taps {
-                out.push(w[o * k + c * khw + ki * g.kw + kj]);
-            }
-        }
+    let (k, khw, row) = (g.k(), g.kh * g.kw, g.c * taps.len());
+    if row == 0 {
+        return Vec::new();
     }
-    out
+    // SAFETY: the O rows of `row` elements cover the whole buffer, and each task writes its
+    // row's C·taps elements, one per (c, tap).
+    unsafe {
+        super::filled(g.o * row, |out| {
+            out.par_chunks_mut(row).enumerate().for_each(|(o, dst)| {
+                let src = &w[o * k..(o + 1) * k];
+                for (c, d) in dst.chunks_exact_mut(taps.len()).enumerate() {
+                    for (e, &(ki, kj)) in d.iter_mut().zip(taps) {
+                        e.write(src[c * khw + ki * g.kw + kj]);
+                    }
+                }
+            })
+        })
+    }
 }
 
 /// The weight matrices of a sparse plan's regions, one per distinct tap set (bands of one
@@ -659,7 +669,7 @@ fn image_split(n: usize) -> (usize, bool) {
 /// `y` [N, O, Ho, Wo] from `x` [N, C, H, W] and `w` [O, C, kh, kw].
 fn forward<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], w: &[T]) -> Vec<T> {
     let (k, p) = (g.k(), g.p());
-    let mut y = vec![T::from_f64(0.0); g.n * g.o * p];
+    let mut y = super::zeros(g.n * g.o * p);
     let wm = MatRef::row_major(w, g.o, k);
     let wr = RegionWeights::new(g, plan, w);
     let (per, par) = image_split(g.n);
@@ -809,7 +819,7 @@ fn input_gradient<T: WithDType>(g: &ConvGeom, gy: &[T], w: &[T]) -> Vec<T> {
 /// `gx` [N, C, H, W] = col2im(Wᵀ · gy_n) per image.
 fn grad_input<T: WithDType>(g: &ConvGeom, plan: &Plan, gy: &[T], w: &[T]) -> Vec<T> {
     let (k, p) = (g.k(), g.p());
-    let mut gx = vec![T::from_f64(0.0); g.n * g.img()];
+    let mut gx = super::zeros(g.n * g.img());
     let wt = MatRef::row_major(w, g.o, k).t();
     let wr = RegionWeights::new(g, plan, w);
     let (per, par) = image_split(g.n);

@@ -91,7 +91,7 @@ impl Geom {
 
 fn forward<T: WithDType>(g: &Geom, x: &[T], w: &[T]) -> Vec<T> {
     let (p, rows) = (g.p(), g.rows());
-    let mut y = vec![T::from_f64(0.0); g.n * rows * p];
+    let mut y = super::zeros(g.n * rows * p);
     let wt = MatRef::row_major(w, g.c, rows).t();
     let (per, par) = g.split();
     x.par_chunks(per * g.c * p)
@@ -126,7 +126,7 @@ fn gather<T: WithDType>(g: &Geom, gy: &[T], gz: &mut [T]) {
 /// (gx, gw) from x, w and gy.
 fn backward<T: WithDType>(g: &Geom, x: &[T], w: &[T], gy: &[T]) -> (Vec<T>, Vec<T>) {
     let (p, rows, c) = (g.p(), g.rows(), g.c);
-    let mut gx = vec![T::from_f64(0.0); g.n * c * p];
+    let mut gx = super::zeros(g.n * c * p);
     let wm = MatRef::row_major(w, c, rows);
     let (per, par) = g.split();
     // The weight gradient [C, rows] has the pixel count as inner dimension: accumulated as its

@@ -156,7 +156,7 @@ fn is_3x3_s1(g: &PoolGeom) -> bool {
 
 fn pool_fwd<T: WithDType>(g: &PoolGeom, x: &[T]) -> Vec<T> {
     let (hw, ohw) = (g.h * g.w, g.ho * g.wo);
-    let mut y = vec![T::from_f64(0.0); g.planes * ohw];
+    let mut y = super::zeros(g.planes * ohw);
     y.par_chunks_mut(ohw).zip(x.par_chunks(hw)).for_each_init(
         Default::default,
         |(cols, idx), (yp, xp)| {
@@ -179,7 +179,7 @@ fn pool_fwd<T: WithDType>(g: &PoolGeom, x: &[T]) -> Vec<T> {
 
 fn pool_bwd<T: WithDType>(g: &PoolGeom, x: &[T], gy: &[T]) -> Vec<T> {
     let (hw, ohw) = (g.h * g.w, g.ho * g.wo);
-    let mut gx = vec![T::from_f64(0.0); g.planes * hw];
+    let mut gx = super::zeros(g.planes * hw);
     gx.par_chunks_mut(hw)
         .zip(x.par_chunks(hw).zip(gy.par_chunks(ohw)))
         .for_each_init(Default::default, |(cols, idx), (gxp, (xp, gyp))| {

@@ -9,41 +9,44 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::conv::slice;
+
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 16;
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
-
 fn relu_fwd<T: WithDType>(x: &[T]) -> Vec<T> {
     let zero = T::from_f64(0.0);
-    let mut y = vec![zero; x.len()];
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            for (d, &s) in y.iter_mut().zip(x) {
-                *d = if s > zero { s } else { zero };
-            }
-        });
-    y
+    // SAFETY: the chunks of `y` pair with those of `x`, which cover its length, and each task
+    // writes every element of its chunk.
+    unsafe {
+        super::filled(x.len(), |y| {
+            y.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .for_each(|(y, x)| {
+                    for (d, &s) in y.iter_mut().zip(x) {
+                        d.write(if s > zero { s } else { zero });
+                    }
+                })
+        })
+    }
 }
 
 /// `gy` where `y > 0`, else 0.
 fn relu_bwd<T: WithDType>(y: &[T], gy: &[T]) -> Vec<T> {
+    assert_eq!(y.len(), gy.len(), "relu backward: operands of one shape");
     let zero = T::from_f64(0.0);
-    let mut gx = vec![zero; y.len()];
-    gx.par_chunks_mut(CHUNK)
-        .zip(y.par_chunks(CHUNK).zip(gy.par_chunks(CHUNK)))
-        .for_each(|(gx, (y, gy))| {
-            for ((d, &yv), &g) in gx.iter_mut().zip(y).zip(gy) {
-                *d = if yv > zero { g } else { zero };
-            }
-        });
-    gx
+    // SAFETY: as in `relu_fwd`, `gy` having `y`'s length.
+    unsafe {
+        super::filled(y.len(), |gx| {
+            gx.par_chunks_mut(CHUNK)
+                .zip(y.par_chunks(CHUNK).zip(gy.par_chunks(CHUNK)))
+                .for_each(|(gx, (y, gy))| {
+                    for ((d, &yv), &g) in gx.iter_mut().zip(y).zip(gy) {
+                        d.write(if yv > zero { g } else { zero });
+                    }
+                })
+        })
+    }
 }
 
 /// An elementwise op of two same-shaped contiguous CPU tensors, both f32 or both f64.
@@ -61,12 +64,25 @@ fn elementwise2(
     Ok((out, l1.shape().clone()))
 }
 
-/// `max(a + b, 0)` into a new buffer (a copy of `a` instead of the zero fill an output buffer
-/// needs anyway).
+/// `max(a + b, 0)` into a new buffer, in one parallel pass (a serial `a.to_vec()` first held
+/// the calling thread while the pool waited). The same arithmetic as [`add_relu_into`].
 fn add_relu_vec<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
-    let mut y = a.to_vec();
-    add_relu_into(&mut y, b);
-    y
+    assert_eq!(a.len(), b.len(), "add_relu: operands of one shape");
+    let zero = T::from_f64(0.0);
+    // SAFETY: the chunks of the output pair with those of `a`, which cover its length, and
+    // each task writes every element of its chunk.
+    unsafe {
+        super::filled(a.len(), |y| {
+            y.par_chunks_mut(CHUNK)
+                .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+                .for_each(|(y, (a, b))| {
+                    for (d, (&x, &r)) in y.iter_mut().zip(a.iter().zip(b)) {
+                        let s = x + r;
+                        d.write(if s > zero { s } else { zero });
+                    }
+                })
+        })
+    }
 }
 
 /// x -> max(x, 0).
