@@ -75,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         imgsz: x.dim(2)? as u32,
         normalize: Normalize::Imagenet,
         crop: 0,
+        zoom: None,
     };
     if export != "-" {
         checkpoint::save(

@@ -22,7 +22,7 @@ use image::{GrayImage, ImageFormat};
 
 use crate::config::Tta;
 use crate::model::{checkpoint, device};
-use crate::predict::{probs_to_image, Mode, Predictor};
+use crate::predict::{mode_for, probs_to_image, Mode, Predictor};
 use crate::progress::Progress;
 use crate::stages::evaluate::overlay;
 
@@ -199,11 +199,7 @@ where
 fn mode(opts: &InferOptions, pre: &checkpoint::Preprocess) -> Mode {
     match opts.imgsz {
         Some(n) => Mode::Resize(n),
-        None if pre.crop > 0 => Mode::Native {
-            tile: opts.tile,
-            overlap: opts.overlap,
-        },
-        None => Mode::Resize(pre.imgsz),
+        None => mode_for(pre, opts.tile, opts.overlap),
     }
 }
 
@@ -211,9 +207,19 @@ fn mode(opts: &InferOptions, pre: &checkpoint::Preprocess) -> Mode {
 fn describe(mode: Mode) -> String {
     match mode {
         Mode::Resize(n) => format!("resized to {n}×{n}"),
-        Mode::Native { tile: 0, .. } => "native resolution".into(),
-        Mode::Native { tile, overlap } => {
-            format!("native resolution, tiles {tile} overlapping by {overlap}")
+        Mode::Native {
+            tile,
+            overlap,
+            zoom,
+        } => {
+            let mut s = "native resolution".to_string();
+            if zoom != 1.0 {
+                s += &format!(", zoomed by {zoom}");
+            }
+            if tile > 0 {
+                s += &format!(", tiles {tile} overlapping by {overlap}");
+            }
+            s
         }
     }
 }

@@ -19,6 +19,7 @@ use image::RgbImage;
 
 use crate::config::{Normalize, Tta};
 use crate::data::{self, ChannelStats};
+use crate::model::checkpoint::Preprocess;
 use crate::model::ops::resize_bilinear;
 use crate::model::SegModel;
 
@@ -26,8 +27,10 @@ use crate::model::SegModel;
 pub enum Mode {
     /// Resize to a square side, predict, resize back.
     Resize(u32),
-    /// Predict at native resolution; `tile` = 0: the whole image at once.
-    Native { tile: u32, overlap: u32 },
+    /// Predict at native resolution (after resizing by `zoom`, `data.zoom`, when it is not 1:
+    /// the probabilities are resized back); `tile` = 0: the whole image at once, else tiles
+    /// of that side of the zoomed image.
+    Native { tile: u32, overlap: u32, zoom: f32 },
 }
 
 pub struct Predictor<'a> {
@@ -51,6 +54,24 @@ impl Predictor<'_> {
         let (_, _, h, w) = x.dims4()?;
         let y = self.model.infer(&self.pad_to_stride(x)?)?;
         Ok(y.narrow(2, 0, h)?.narrow(3, 0, w)?)
+    }
+
+    /// Logits [1, C, H, W] of `img` whole, without TTA, at `img`'s own resolution: for images
+    /// already at the size the model works at (training-time validation), zoomed first and
+    /// resized back in native mode with a `zoom`.
+    pub fn logits(&self, img: &RgbImage) -> Result<Tensor> {
+        let zoomed = match self.mode {
+            Mode::Native { zoom, .. } => zoom_image(img, zoom),
+            Mode::Resize(_) => None,
+        };
+        let (img_in, (w, h)) = (zoomed.as_ref().unwrap_or(img), img.dimensions());
+        let (prepared, stats) = data::prepare(img_in, self.normalize);
+        let x = image_tensor(&prepared, &stats, self.model.device())?;
+        let y = self.logits_at(&x)?;
+        Ok(match zoomed {
+            Some(_) => resize_bilinear(&y, h as usize, w as usize)?,
+            None => y,
+        })
     }
 
     /// `x` [N, C, H, W] reflect-padded at the bottom and right to multiples of the model's
@@ -107,13 +128,25 @@ impl Predictor<'_> {
                 let p = self.probs_tensor(&x)?; // [1, 1, size, size]
                 resize_bilinear(&p, h as usize, w as usize)?
             }
-            Mode::Native { tile, overlap } => {
+            Mode::Native {
+                tile,
+                overlap,
+                zoom,
+            } => {
+                let zoomed = zoom_image(img, zoom);
+                let img = zoomed.as_ref().unwrap_or(img);
+                let (zw, zh) = img.dimensions();
                 let (img, stats) = data::prepare(img, self.normalize);
                 let x = image_tensor(&img, &stats, device)?;
-                if tile == 0 || (w <= tile && h <= tile) {
+                let p = if tile == 0 || (zw <= tile && zh <= tile) {
                     self.probs_tensor(&x)?
                 } else {
                     self.tiled(&x, tile as usize, overlap as usize)?
+                };
+                if zoomed.is_some() {
+                    resize_bilinear(&p, h as usize, w as usize)?
+                } else {
+                    p
                 }
             }
         };
@@ -257,12 +290,23 @@ pub fn reflect_pad(x: &Tensor, ph: usize, pw: usize) -> Result<Tensor> {
 }
 
 /// The prediction mode a checkpoint's metadata implies, with the evaluate options.
-pub fn mode_for(crop: u32, imgsz: u32, tile: u32, overlap: u32) -> Mode {
-    if crop > 0 {
-        Mode::Native { tile, overlap }
+pub fn mode_for(pre: &Preprocess, tile: u32, overlap: u32) -> Mode {
+    if pre.crop > 0 {
+        Mode::Native {
+            tile,
+            overlap,
+            zoom: pre.zoom.unwrap_or(1.0),
+        }
     } else {
-        Mode::Resize(imgsz)
+        Mode::Resize(pre.imgsz)
     }
+}
+
+/// `img` resized by `zoom` (`data.zoom`), or `None` when that leaves its size as it is.
+pub fn zoom_image(img: &RgbImage, zoom: f32) -> Option<RgbImage> {
+    let (w, h) = img.dimensions();
+    let (zw, zh) = data::zoomed_size(w, h, zoom);
+    ((zw, zh) != (w, h)).then(|| data::resize_rgb(img, zw, zh))
 }
 
 /// Probabilities to an 8-bit grey image (0..255).
@@ -369,12 +413,14 @@ mod tests {
             let whole = pred(Mode::Native {
                 tile: 0,
                 overlap: 0,
+                zoom: 1.0,
             });
             assert_eq!(whole.len(), 70 * 53);
             // The tiny net's context is about 9 px; a 24 px overlap keeps 12 px on each side.
             let tiled = pred(Mode::Native {
                 tile: 32,
                 overlap: 24,
+                zoom: 1.0,
             });
             let d = max_diff(&whole, &tiled);
             assert!(d < 1e-5, "tta {tta:?}: tiled differs from whole by {d}");
@@ -383,6 +429,7 @@ mod tests {
             let thin = pred(Mode::Native {
                 tile: 32,
                 overlap: 2,
+                zoom: 1.0,
             });
             let d = max_diff(&whole, &thin);
             assert!(
@@ -408,6 +455,7 @@ mod tests {
                 mode: Mode::Native {
                     tile: 0,
                     overlap: 0,
+                    zoom: 1.0,
                 },
                 tta,
             }
@@ -449,12 +497,14 @@ mod tests {
         let whole = pred(Mode::Native {
             tile: 0,
             overlap: 0,
+            zoom: 1.0,
         });
         assert_eq!(whole.len(), 565 * 584);
         assert!(whole.iter().all(|p| (0.0..=1.0).contains(p)));
         let tiled = pred(Mode::Native {
             tile: 256,
             overlap: 64,
+            zoom: 1.0,
         });
         let d = max_diff(&whole, &tiled);
         assert!(d < 1e-5, "tiled differs from whole by {d}");
@@ -471,6 +521,7 @@ mod tests {
         let seamed = pred(Mode::Native {
             tile: 256,
             overlap: 0,
+            zoom: 1.0,
         });
         let near = |v: usize, cuts: &[usize]| cuts.iter().any(|&c| v.abs_diff(c) <= 16);
         let mut changed = 0;
@@ -541,6 +592,7 @@ mod tests {
                 mode: Mode::Native {
                     tile: 0,
                     overlap: 0,
+                    zoom: 1.0,
                 },
                 tta: Tta::None,
             }
@@ -557,5 +609,50 @@ mod tests {
         );
         let d = max_diff(&clahe, &probs(&img, Normalize::PerImage));
         assert!(d > 1e-4, "CLAHE should change the prediction ({d})");
+    }
+
+    #[test]
+    fn zoom_predicts_on_the_resized_image_and_answers_at_native_resolution() {
+        // `data.zoom`: the image is resized by the factor, enhanced and normalised at that size,
+        // predicted, and the probabilities come back at the image's own size, bilinearly.
+        let model = tiny_unet();
+        let img = RgbImage::from_fn(30, 26, |x, y| {
+            let v = (40 + 5 * x + (y * 13 % 17)) as u8;
+            image::Rgb([v, v / 2 + 30, 200 - v / 3])
+        });
+        let pred = |zoom| Predictor {
+            model: &model,
+            normalize: Normalize::Clahe,
+            mode: Mode::Native {
+                tile: 0,
+                overlap: 0,
+                zoom,
+            },
+            tta: Tta::Dihedral,
+        };
+        let zoomed = pred(1.5).probs(&img).unwrap();
+        assert_eq!(zoomed.len(), 30 * 26);
+        let big = data::resize_rgb(&img, 45, 39);
+        let at_size = pred(1.0).probs(&big).unwrap();
+        let t = Tensor::from_vec(at_size, (1, 1, 39, 45), &Device::Cpu).unwrap();
+        let back: Vec<f32> = resize_bilinear(&t, 26, 30)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let d = max_diff(&zoomed, &back);
+        assert_eq!(
+            d, 0.0,
+            "zoom 1.5 differs from predicting the resized image by {d}"
+        );
+        let d = max_diff(&zoomed, &pred(1.0).probs(&img).unwrap());
+        assert!(d > 1e-4, "the zoom should change the prediction ({d})");
+        // Validation's logits come back at the image's own size too.
+        let logits = pred(1.5).logits(&img).unwrap();
+        assert_eq!(logits.dims4().unwrap(), (1, 2, 26, 30));
+        // A zoom that leaves the size as it is changes nothing.
+        let same = pred(1.01).probs(&img).unwrap();
+        assert_eq!(max_diff(&same, &pred(1.0).probs(&img).unwrap()), 0.0);
     }
 }

@@ -50,7 +50,7 @@ fn train_probs(ckpt: &Path, ds: &preprocess::Dataset) -> Vec<(Vec<f32>, Vec<u8>,
     let pred = Predictor {
         model: &model,
         normalize: pre.normalize,
-        mode: mode_for(pre.crop, pre.imgsz, 0, 0),
+        mode: mode_for(pre, 0, 0),
         tta: Tta::None,
     };
     ds.train
@@ -142,7 +142,7 @@ fn the_threshold_picked_on_the_train_images_is_stored_and_used_by_evaluate_and_i
     let probs = Predictor {
         model: &model,
         normalize: meta.preprocess.normalize,
-        mode: mode_for(meta.preprocess.crop, meta.preprocess.imgsz, 0, 0),
+        mode: mode_for(&meta.preprocess, 0, 0),
         tta: Tta::None,
     }
     .probs(img)
@@ -253,4 +253,70 @@ fn training_on_every_labelled_image_runs_through_to_the_report() {
         err.contains("u.toml") && err.contains("data.valid_count") && err.contains("\"last\""),
         "{err}"
     );
+}
+
+/// `data.zoom`: the train stage trains on the images resized by the factor and says so in its
+/// checkpoints; evaluate scores at the images' own resolution; infer writes maps at the input's
+/// own size, equal to the predictor's (zoom, predict, resize back).
+#[test]
+fn a_zoomed_recipe_trains_zoomed_and_answers_at_native_resolution() {
+    let p = Project::new();
+    let text = EXP
+        .replace("name = \"t\"", "name = \"z\"")
+        .replace("pick_threshold = true\n", "")
+        .replace("threshold = \"train\"", "threshold = 0.5")
+        .replace("valid_count = 2\n", "valid_count = 2\nzoom = 1.5\n");
+    let e = p.experiment("z", &text);
+    p.run_json(&[e.to_str().unwrap(), "--until", "evaluate"]);
+    let ckpt = p.path().join("runs/z/train/last.safetensors");
+    let (model, meta) = checkpoint::load(&ckpt, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(meta.preprocess.zoom, Some(1.5));
+
+    // Scored at native resolution: every valid pixel once.
+    let ds = preprocess::load(&p.path().join("runs/z/preprocess")).unwrap();
+    let metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.path().join("runs/z/evaluate/metrics.json")).unwrap(),
+    )
+    .unwrap();
+    let native: usize = ds.valid.iter().map(|v| v.original().fov.len()).sum();
+    assert_eq!(
+        metrics["splits"]["valid"]["all"]["pixels"].as_u64(),
+        Some(native as u64),
+        "{metrics}"
+    );
+
+    let img = &ds.test[0].original().image;
+    let input = p.path().join("in.png");
+    img.save(&input).unwrap();
+    let probs = Predictor {
+        model: &model,
+        normalize: meta.preprocess.normalize,
+        mode: mode_for(&meta.preprocess, 0, 0),
+        tta: Tta::None,
+    }
+    .probs(img)
+    .unwrap();
+    assert_eq!(probs.len(), (img.width() * img.height()) as usize);
+    let out_dir = p.path().join("out");
+    let out = p.run(&[
+        "infer",
+        "--device",
+        "cpu",
+        "--model",
+        ckpt.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("zoomed by 1.5"), "{log}");
+    let mask = image::open(out_dir.join("in_mask.png")).unwrap().to_luma8();
+    assert_eq!(mask.dimensions(), img.dimensions());
+    let expect: Vec<u8> = probs
+        .iter()
+        .map(|&q| if q >= 0.5 { 255 } else { 0 })
+        .collect();
+    assert_eq!(mask.as_raw(), &expect);
 }

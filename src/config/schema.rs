@@ -86,6 +86,12 @@ pub struct DataConfig {
     /// Seed of the train/valid shuffle.
     pub split_seed: u64,
     pub normalize: Normalize,
+    /// Native-resolution models (`train.crop`) only: every image is resized by this factor
+    /// before anything else, in training and in prediction, and the probabilities are resized
+    /// back, so scores stay at the images' own resolution. Above 1 a vessel spans more pixels
+    /// of the first level, at the cost of less context per crop. Unset: 1 (and absent from
+    /// the stages' keys).
+    pub zoom: Option<f32>,
     pub synthetic: SyntheticConfig,
 }
 
@@ -98,6 +104,7 @@ impl Default for DataConfig {
             valid_ids: Vec::new(),
             split_seed: 42,
             normalize: Normalize::Imagenet,
+            zoom: None,
             synthetic: SyntheticConfig::default(),
         }
     }
@@ -593,11 +600,12 @@ impl Experiment {
         }
     }
 
-    /// The template with every optional section set to its defaults: all the keys an experiment
-    /// file may set (an unset section has no keys in the template).
+    /// The template with every optional section and key set to its defaults: all the keys an
+    /// experiment file may set (an unset section or key has none in the template).
     pub fn known() -> Self {
         let mut e = Self::template();
         e.train.cldice = Some(Cldice::default());
+        e.data.zoom = Some(1.0);
         e
     }
 
@@ -807,6 +815,19 @@ impl Experiment {
                 format!("{} must be 0 (off) or a multiple of 8, at least 32", t.crop),
             );
         }
+        if let Some(z) = self.data.zoom {
+            if !(z.is_finite() && (0.25..=4.0).contains(&z)) {
+                bad("data.zoom", format!("{z} must be in [0.25, 4]"));
+            } else if t.crop == 0 {
+                bad(
+                    "data.zoom",
+                    format!(
+                        "{z} needs native-resolution training (train.crop > 0, pipeline = \"native\"); \
+                         resized data have train.imgsz instead"
+                    ),
+                );
+            }
+        }
         let a = &self.augment;
         if !(0.0..=180.0).contains(&a.rotate) {
             bad(
@@ -909,5 +930,31 @@ mod tests {
             Tta::Flip.views(),
             &[(false, false, false), (false, false, true)]
         );
+    }
+
+    #[test]
+    fn zoom_is_checked_and_needs_crop_training() {
+        let zoom_errors = |zoom: Option<f32>, crop: u32| {
+            let mut e = Experiment::template();
+            e.name = "z".into();
+            e.data.zoom = zoom;
+            e.train.crop = crop;
+            e.validate()
+                .into_iter()
+                .filter(|(k, _)| k == "data.zoom")
+                .map(|(_, m)| m)
+                .collect::<Vec<_>>()
+        };
+        assert!(zoom_errors(None, 0).is_empty());
+        assert!(zoom_errors(Some(1.5), 96).is_empty());
+        let m = zoom_errors(Some(1.5), 0);
+        assert!(m.len() == 1 && m[0].contains("train.crop"), "{m:?}");
+        for bad in [0.1, 5.0, f32::NAN] {
+            let m = zoom_errors(Some(bad), 96);
+            assert!(m.len() == 1 && m[0].contains("[0.25, 4]"), "{bad}: {m:?}");
+        }
+        // Unset, it is null: absent from the stage keys of experiments that do not use it.
+        let e = Experiment::template();
+        assert_eq!(e.value_at("data.zoom"), Some(serde_json::Value::Null));
     }
 }

@@ -22,7 +22,9 @@ pub use augment::{centre_crop, random_crop, Augmenter};
 pub use decode::decode;
 pub use listing::list;
 pub use normalize::{enhance, prepare, to_chw_f32, to_chw_f32_with, ChannelStats};
-pub use resize::{resize_mask, resize_rgb, resize_sample};
+pub use resize::{
+    resize_mask, resize_mask_smooth, resize_rgb, resize_sample, zoom_sample, zoomed_size,
+};
 pub use synthetic::synthetic;
 
 /// The files of one dataset image.

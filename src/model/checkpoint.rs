@@ -29,6 +29,10 @@ pub struct Preprocess {
     pub normalize: Normalize,
     /// Side of the native-resolution random crops trained on (0: whole resized images).
     pub crop: u32,
+    /// `data.zoom`: native images were resized by this factor before the model saw them
+    /// (absent: 1, as in older checkpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zoom: Option<f32>,
 }
 
 /// A vessel threshold chosen from data after training (`train.pick_threshold`), which

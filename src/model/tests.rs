@@ -39,6 +39,7 @@ fn preprocess() -> Preprocess {
         imgsz: 64,
         normalize: Normalize::Imagenet,
         crop: 0,
+        zoom: None,
     }
 }
 

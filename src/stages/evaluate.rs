@@ -146,12 +146,7 @@ fn evaluate(ctx: &StageCtx, ds: &preprocess::Dataset, ckpt: &Path) -> Result<()>
     let predictor = Predictor {
         model: &model,
         normalize: meta.preprocess.normalize,
-        mode: mode_for(
-            meta.preprocess.crop,
-            meta.preprocess.imgsz,
-            e.tile,
-            e.overlap,
-        ),
+        mode: mode_for(&meta.preprocess, e.tile, e.overlap),
         tta: e.tta,
     };
     let mut report = EvalReport {

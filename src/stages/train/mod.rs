@@ -51,13 +51,13 @@ use serde::{Deserialize, Serialize};
 
 use super::preprocess::{self, Prepared};
 use super::{Stage, StageCtx};
-use crate::config::{Experiment, Normalize, TrainConfig, Tta};
+use crate::config::{Experiment, TrainConfig, Tta};
 use crate::data::{self, Augmenter, ChannelStats, Sample};
 use crate::metrics::Confusion;
 use crate::metrics::ThresholdSweep;
 use crate::model::checkpoint::{self, ChosenThreshold, Preprocess as CkptPreprocess};
 use crate::model::{device, SegModel};
-use crate::predict::{argmax_u8, image_tensor, mode_for, Mode, Predictor};
+use crate::predict::{argmax_u8, mode_for, Mode, Predictor};
 use crate::progress::{Bar, Progress};
 pub use crate::report::PeriodRow;
 use crate::training::{
@@ -196,7 +196,6 @@ fn train(
             let (loss, conf) = validate(
                 &valid_predictor(exp, ds, s.scored()),
                 &ds.valid,
-                exp.data.normalize,
                 save_preds.then(|| out.join("valid_preds").join(plan.preds_dir(period))),
             )?;
             (loss, Some(conf))
@@ -296,6 +295,7 @@ fn setup(exp: &Experiment, progress: &Progress) -> Result<Setup> {
         imgsz: t.imgsz,
         normalize: exp.data.normalize,
         crop: t.crop,
+        zoom: exp.data.zoom,
     };
     Ok(Setup {
         device,
@@ -523,8 +523,9 @@ fn clear_work_dir(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// What every period reads: the train images (enhanced per `data.normalize`, whole images
-/// before any crop), their normalisation statistics (computed once), the augmentation.
+/// What every period reads: the train images (zoomed by `data.zoom`, then enhanced per
+/// `data.normalize`, whole images before any crop), their normalisation statistics (computed
+/// once), the augmentation.
 struct TrainData<'a> {
     exp: &'a Experiment,
     train: Vec<Cow<'a, Sample>>,
@@ -534,17 +535,26 @@ struct TrainData<'a> {
 
 impl<'a> TrainData<'a> {
     fn new(exp: &'a Experiment, train: &'a [Prepared]) -> Self {
+        let zoom = exp.data.zoom.unwrap_or(1.0);
         let train: Vec<Cow<Sample>> = train
             .par_iter()
-            .map(|p| match data::enhance(&p.work.image, exp.data.normalize) {
-                Cow::Borrowed(_) => Cow::Borrowed(&p.work),
-                // The other fields, without cloning the image that is being replaced.
-                Cow::Owned(image) => Cow::Owned(Sample {
-                    id: p.work.id.clone(),
-                    image,
-                    label: p.work.label.clone(),
-                    fov: p.work.fov.clone(),
-                }),
+            .map(|p| {
+                let (w, h) = p.work.image.dimensions();
+                let s = if data::zoomed_size(w, h, zoom) == (w, h) {
+                    Cow::Borrowed(&p.work)
+                } else {
+                    Cow::Owned(data::zoom_sample(&p.work, zoom))
+                };
+                match data::enhance(&s.image, exp.data.normalize) {
+                    Cow::Borrowed(_) => s,
+                    // The other fields, without cloning the image that is being replaced.
+                    Cow::Owned(image) => Cow::Owned(Sample {
+                        id: s.id.clone(),
+                        image,
+                        label: s.label.clone(),
+                        fov: s.fov.clone(),
+                    }),
+                }
             })
             .collect();
         let stats = image_stats(exp, &train.iter().map(|s| s.as_ref()).collect::<Vec<_>>());
@@ -662,6 +672,7 @@ fn valid_predictor<'a>(
         None => Mode::Native {
             tile: 0,
             overlap: 0,
+            zoom: exp.data.zoom.unwrap_or(1.0),
         },
     };
     Predictor {
@@ -672,12 +683,12 @@ fn valid_predictor<'a>(
     }
 }
 
-/// Whole-image validation at the working resolution: mean per-image cross-entropy, pooled
+/// Whole-image validation at the working resolution (native images zoomed by `data.zoom` are
+/// scored at their own resolution): mean per-image cross-entropy, pooled
 /// confusion counts (every pixel, as the seed's protocol), optional prediction PNGs.
 fn validate(
     pred: &Predictor,
     valid: &[Prepared],
-    normalize: Normalize,
     save_to: Option<PathBuf>,
 ) -> Result<(f64, Confusion)> {
     let mut conf = Confusion::default();
@@ -691,9 +702,7 @@ fn validate(
             .label
             .as_ref()
             .ok_or_else(|| anyhow!("valid image {} has no annotation", p.id))?;
-        let (img, stats) = data::prepare(&s.image, normalize);
-        let x = image_tensor(&img, &stats, pred.model.device())?;
-        let logits = pred.logits_at(&x)?;
+        let logits = pred.logits(&s.image)?;
         let (_, _, h, w) = logits.dims4()?;
         let y = label.as_raw();
         let l = plain_ce(&logits, y)?;
@@ -812,7 +821,7 @@ fn threshold_on_train(
     let pred = Predictor {
         model,
         normalize: pre.normalize,
-        mode: mode_for(pre.crop, pre.imgsz, 0, 0),
+        mode: mode_for(pre, 0, 0),
         tta: Tta::None,
     };
     let mut sweep = ThresholdSweep::default();
@@ -975,8 +984,9 @@ mod tests {
         let model = SegModel::new(&cfg, &Device::Cpu, 0).unwrap();
         let pre = CkptPreprocess {
             imgsz: 16,
-            normalize: Normalize::Imagenet,
+            normalize: crate::config::Normalize::Imagenet,
             crop: 0,
+            zoom: None,
         };
         let save = |file: &str, period: usize| {
             let extra = serde_json::json!({"period": period, "step": 4 * period});
