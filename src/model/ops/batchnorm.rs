@@ -249,10 +249,7 @@ fn stats_of<T: WithDType>(x: &Tensor) -> Result<(Vec<f64>, Vec<f64>)> {
 }
 
 fn cpu_slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("BatchNorm2d: input must be contiguous"),
-    }
+    super::conv::slice(s, l, "BatchNorm2d")
 }
 
 /// Partial sums kept apart in the reductions below: independent f64 accumulators that the

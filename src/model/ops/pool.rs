@@ -98,10 +98,7 @@ impl PoolGeom {
 }
 
 fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("max_pool2d: input must be contiguous"),
-    }
+    super::conv::slice(s, l, "max_pool2d")
 }
 
 /// The argmax of every window of the 3×3, stride-1, padding-1 pool (the soft morphology of the
