@@ -7,6 +7,10 @@
 //! recomputed in the backward pass rather than kept alive, so the memory held between forward
 //! and backward is only what Candle keeps anyway (the inputs).
 //!
+//! Dilated kernels whose taps mostly read padding (ASPP's rates on small maps) take the tap
+//! plan, [`Plan::Taps`]: one GEMM per tap over the rectangle where it reads the image, so each
+//! GEMM is shaped like a 1×1 convolution's and nothing multiplies padding.
+//!
 //! 3×3 stride-1 convolutions with padding = dilation take other paths where they are faster:
 //! Winograd F(2×2, 3×3) (`winograd.rs`) with many channels on large enough maps
 //! ([`ConvGeom::winograd`]; for the weight gradient only beyond the direct kernels' channel
@@ -109,7 +113,7 @@ impl ConvGeom {
     /// For a stride-1 square kernel (not 1×1) whose padding is at most its dilated reach, the
     /// convolution whose forward is this one's input gradient: `gx = conv(gy, W′)` with
     /// `W′[c, o, i, j] = W[o, c, kh-1-i, kw-1-j]` and padding `dilation·(kh-1) - padding`. One
-    /// GEMM with inner dimension O·kh·kw and no col2im scatter; sparse plans apply to it too.
+    /// GEMM with inner dimension O·kh·kw and no col2im scatter; the tap plan applies to it too.
     fn input_grad_conv(&self) -> Option<ConvGeom> {
         let reach = self.dilation * (self.kh - 1);
         (self.stride == 1 && self.kh == self.kw && self.kh > 1 && self.padding <= reach).then(
@@ -180,7 +184,7 @@ pub fn direct_conv_available() -> bool {
 impl ConvGeom {
     /// The geometry both the direct kernels and Winograd take: a 3×3 kernel, stride 1, padding
     /// equal to the dilation and at most a quarter of the image's side (both multiply the
-    /// padding too, so ASPP's wide rates on small maps stay on the sparse im2col plan).
+    /// padding too, so ASPP's wide rates on small maps stay on the tap plan, [`Plan::Taps`]).
     fn same_3x3(&self) -> bool {
         self.kh == 3
             && self.kw == 3
@@ -264,22 +268,66 @@ fn valid_range(
 /// 760 MB buffer.
 const COL_BUDGET: usize = 1 << 23;
 
-/// A sparse plan is used when it does at most this fraction of the dense multiply-adds.
+/// The tap plan is used when it does at most this fraction of the dense multiply-adds.
 const SPARSE_MAX_FRACTION: f64 = 0.75;
 
-/// A rectangle of output pixels `[oh.0, oh.1) × [ow.0, ow.1)` inside which each kernel tap in
-/// `taps` always reads inside the image, and every other tap always reads padding.
+/// One kernel tap `(ki, kj)` of the tap plan ([`Plan::Taps`]), with the rectangle of output pixels
+/// `[oh.0, oh.1) × [ow.0, ow.1)` in which it reads inside the image (everywhere else it reads
+/// zero padding, so its products there are skipped).
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Region {
+struct Tap {
+    ki: usize,
+    kj: usize,
     oh: (usize, usize),
     ow: (usize, usize),
-    /// `(ki, kj)` of the taps that read the image.
-    taps: Vec<(usize, usize)>,
 }
 
-impl Region {
+impl Tap {
     fn area(&self) -> usize {
         (self.oh.1 - self.oh.0) * (self.ow.1 - self.ow.0)
+    }
+
+    /// The tap's weights `w[:, :, ki, kj]`, an [O, C] view of `w` [O, C, kh, kw].
+    fn weight<'a, T>(&self, g: &ConvGeom, w: &'a [T]) -> MatRef<'a, T> {
+        MatRef {
+            data: &w[self.ki * g.kw + self.kj..],
+            rows: g.o,
+            cols: g.c,
+            rs: g.k(),
+            cs: g.kh * g.kw,
+        }
+    }
+
+    /// Whether the tap reads whole image rows in order for its rectangle: stride 1, output rows
+    /// as wide as the input's and all of them live, no horizontal shift. Then its [C, area]
+    /// input matrix is a view of the image (row stride H·W) and its [O, area] output a view of
+    /// the output: no copies.
+    fn whole_rows(&self, g: &ConvGeom) -> bool {
+        g.stride == 1 && g.wo == g.w && self.ow == (0, g.wo) && self.kj * g.dilation == g.padding
+    }
+
+    /// The [rows, area] view of the rectangle's rows in `m` [rows, Ho·Wo] (see
+    /// [`Tap::whole_rows`]).
+    fn out_view<'a, T>(&self, g: &ConvGeom, m: &'a [T], rows: usize) -> MatRef<'a, T> {
+        MatRef {
+            data: &m[self.oh.0 * g.wo..],
+            rows,
+            cols: self.area(),
+            rs: g.p(),
+            cs: 1,
+        }
+    }
+
+    /// The [C, area] view of the image rows the tap reads, for a [`Tap::whole_rows`] tap.
+    fn in_view<'a, T>(&self, g: &ConvGeom, x: &'a [T]) -> MatRef<'a, T> {
+        let ih0 = self.oh.0 + self.ki * g.dilation - g.padding;
+        MatRef {
+            data: &x[ih0 * g.w..],
+            rows: g.c,
+            cols: self.area(),
+            rs: g.h * g.w,
+            cs: 1,
+        }
     }
 }
 
@@ -291,42 +339,13 @@ enum Plan {
     /// im2col over every tap, in bands of output rows.
     Dense,
     /// Dilated kernels whose taps mostly fall in the padding (ASPP's rates 12/24/36 on a 32×32
-    /// feature map, where the rate-36 branch is a 1×1 convolution in disguise): the output is
-    /// split into regions with a fixed set of in-image taps, and only those are multiplied. The
-    /// result is the dense one; the skipped products are all with zero padding.
-    Sparse(Vec<Region>),
-}
-
-/// Maximal output intervals `[a, b)` of one axis inside which the set of kernel offsets that
-/// read the image is constant, with that set.
-fn axis_intervals(
-    out_len: usize,
-    in_len: usize,
-    k: usize,
-    dilation: usize,
-    stride: usize,
-    pad: usize,
-) -> Vec<((usize, usize), Vec<usize>)> {
-    let ranges: Vec<(usize, usize)> = (0..k)
-        .map(|i| valid_range(out_len, in_len, i * dilation, stride, pad))
-        .collect();
-    let mut cuts = vec![0, out_len];
-    for &(lo, hi) in &ranges {
-        if lo < hi {
-            cuts.extend([lo, hi]);
-        }
-    }
-    cuts.sort_unstable();
-    cuts.dedup();
-    cuts.windows(2)
-        .map(|ab| {
-            let (a, b) = (ab[0], ab[1]);
-            let live = (0..k)
-                .filter(|&i| ranges[i].0 <= a && b <= ranges[i].1)
-                .collect();
-            ((a, b), live)
-        })
-        .collect()
+    /// feature map, where the rate-36 branch is a 1×1 convolution in disguise): one GEMM per
+    /// tap, `y[:, rect] += w[:, :, ki, kj] · x[:, rect shifted]`, over the rectangle where that
+    /// tap reads the image, in bands of rows that fit the buffer budget. The result is the
+    /// dense one; the skipped products are all with zero padding. Each GEMM has the shape of a
+    /// 1×1 convolution (inner dimension C, hundreds of columns), which the GEMM runs at full
+    /// speed, and its weights are a strided view: nothing is gathered.
+    Taps(Vec<Tap>),
 }
 
 impl Plan {
@@ -335,50 +354,50 @@ impl Plan {
         if g.pointwise() {
             return Plan::Pointwise;
         }
-        let rows = axis_intervals(g.ho, g.h, g.kh, g.dilation, g.stride, g.padding);
-        let cols = axis_intervals(g.wo, g.w, g.kw, g.dilation, g.stride, g.padding);
-        let useful: usize = rows
-            .iter()
-            .flat_map(|r| cols.iter().map(move |c| (r, c)))
-            .map(|((rr, rt), (cr, ct))| (rr.1 - rr.0) * (cr.1 - cr.0) * rt.len() * ct.len())
-            .sum();
-        let dense = g.p() * g.kh * g.kw;
-        if (useful as f64) > SPARSE_MAX_FRACTION * dense as f64 {
+        let rows: Vec<(usize, usize)> = (0..g.kh)
+            .map(|i| valid_range(g.ho, g.h, i * g.dilation, g.stride, g.padding))
+            .collect();
+        let cols: Vec<(usize, usize)> = (0..g.kw)
+            .map(|j| valid_range(g.wo, g.w, j * g.dilation, g.stride, g.padding))
+            .collect();
+        let live = |r: &[(usize, usize)]| r.iter().map(|(a, b)| b - a).sum::<usize>();
+        let useful = live(&rows) * live(&cols) * g.c;
+        if (useful as f64) > SPARSE_MAX_FRACTION * (g.p() * g.k()) as f64 {
             return Plan::Dense;
         }
-        let mut regions = Vec::new();
-        for ((oh0, oh1), ki) in &rows {
-            for ((ow0, ow1), kj) in &cols {
-                let taps: Vec<(usize, usize)> = ki
-                    .iter()
-                    .flat_map(|&a| kj.iter().map(move |&b| (a, b)))
-                    .collect();
-                if taps.is_empty() {
+        let mut taps = Vec::new();
+        for (ki, &(oh0, oh1)) in rows.iter().enumerate() {
+            for (kj, &ow) in cols.iter().enumerate() {
+                if oh0 >= oh1 || ow.0 >= ow.1 {
                     continue;
                 }
-                // Bands of rows, so that the region's im2col matrix fits the budget.
-                let per_row = g.c * taps.len() * (ow1 - ow0);
+                // Bands of rows, so that the tap's input and output matrices fit the budget.
+                let per_row = g.c.max(g.o) * (ow.1 - ow.0);
                 let band = (g.col_budget / per_row.max(1)).clamp(1, oh1 - oh0);
-                for r in (*oh0..*oh1).step_by(band) {
-                    regions.push(Region {
-                        oh: (r, (r + band).min(*oh1)),
-                        ow: (*ow0, *ow1),
-                        taps: taps.clone(),
+                for r in (oh0..oh1).step_by(band) {
+                    taps.push(Tap {
+                        ki,
+                        kj,
+                        oh: (r, (r + band).min(oh1)),
+                        ow,
                     });
                 }
             }
         }
-        Plan::Sparse(regions)
+        Plan::Taps(taps)
     }
 
-    /// Elements of the im2col buffer and of the region scratch buffer.
+    /// Elements of the im2col buffer and of the output scratch buffer.
     fn buffer_lens(&self, g: &ConvGeom) -> (usize, usize) {
         match self {
             Plan::Pointwise => (0, 0),
             Plan::Dense => (g.col_len(), 0),
-            Plan::Sparse(regions) => regions.iter().fold((0, 0), |(c, s), r| {
-                (c.max(g.c * r.taps.len() * r.area()), s.max(g.o * r.area()))
-            }),
+            Plan::Taps(taps) => taps
+                .iter()
+                .filter(|t| !t.whole_rows(g))
+                .fold((0, 0), |(c, s), t| {
+                    (c.max(g.c * t.area()), s.max(g.o * t.area()))
+                }),
         }
     }
 }
@@ -400,121 +419,82 @@ impl<T: WithDType> Work<T> {
     }
 }
 
-/// The weight columns of `taps`, as an [O, C·taps] matrix with column `c·taps + t`. One row
-/// per task: ASPP's rate-12 branch on a 32×32 map gathers 25.7 M elements per call, which ran
-/// on the calling thread while the pool waited.
-fn gather_weight<T: WithDType>(g: &ConvGeom, w: &[T], taps: &[(usize, usize)]) -> Vec<T> {
-    let (k, khw, row) = (g.k(), g.kh * g.kw, g.c * taps.len());
-    if row == 0 {
-        return Vec::new();
-    }
-    // SAFETY: the O rows of `row` elements cover the whole buffer, and each task writes its
-    // row's C·taps elements, one per (c, tap).
-    unsafe {
-        super::filled(g.o * row, |out| {
-            out.par_chunks_mut(row).enumerate().for_each(|(o, dst)| {
-                let src = &w[o * k..(o + 1) * k];
-                for (c, d) in dst.chunks_exact_mut(taps.len()).enumerate() {
-                    for (e, &(ki, kj)) in d.iter_mut().zip(taps) {
-                        e.write(src[c * khw + ki * g.kw + kj]);
-                    }
-                }
-            })
-        })
+/// Calls `f(r, row, iw0)` for each output row `r` (counted from the rectangle's first) of the
+/// tap's rectangle in channel `c`: `row` is the offset in the image [C, H, W] of the input row
+/// it reads and `iw0` the first input column (all inside the image).
+fn for_tap_rows(g: &ConvGeom, t: &Tap, c: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let iw0 = t.ow.0 * g.stride + t.kj * g.dilation - g.padding;
+    for oh in t.oh.0..t.oh.1 {
+        f(
+            oh - t.oh.0,
+            c * g.h * g.w + (oh * g.stride + t.ki * g.dilation - g.padding) * g.w,
+            iw0,
+        );
     }
 }
 
-/// The weight matrices of a sparse plan's regions, one per distinct tap set (bands of one
-/// region and symmetric regions share theirs).
-struct RegionWeights<T> {
-    mats: Vec<Vec<T>>,
-    /// Index into `mats` of each region.
-    of: Vec<usize>,
-}
-
-impl<T: WithDType> RegionWeights<T> {
-    /// Empty unless `plan` is sparse.
-    fn new(g: &ConvGeom, plan: &Plan, w: &[T]) -> Self {
-        let (mut sets, mut mats, mut of) =
-            (Vec::<&[(usize, usize)]>::new(), Vec::new(), Vec::new());
-        if let Plan::Sparse(regions) = plan {
-            for r in regions {
-                let i = match sets.iter().position(|s| *s == r.taps.as_slice()) {
-                    Some(i) => i,
-                    None => {
-                        sets.push(&r.taps);
-                        mats.push(gather_weight(g, w, &r.taps));
-                        mats.len() - 1
-                    }
-                };
-                of.push(i);
-            }
-        }
-        Self { mats, of }
-    }
-
-    fn get(&self, region: usize) -> &[T] {
-        &self.mats[self.of[region]]
-    }
-}
-
-/// Fills `col` [C·taps, area] with the inputs the region's taps read (all inside the image).
-fn im2col_region<T: WithDType>(g: &ConvGeom, x: &[T], r: &Region, col: &mut [T]) {
-    let (area, rw) = (r.area(), r.ow.1 - r.ow.0);
-    let nt = r.taps.len();
-    for (row, dst) in col[..g.c * nt * area].chunks_exact_mut(area).enumerate() {
-        let (c, (ki, kj)) = (row / nt, r.taps[row % nt]);
-        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for (oh, d) in (r.oh.0..r.oh.1).zip(dst.chunks_exact_mut(rw)) {
-            let ih = oh * g.stride + ki * g.dilation - g.padding;
-            let iw0 = r.ow.0 * g.stride + kj * g.dilation - g.padding;
-            let src = &plane[ih * g.w..(ih + 1) * g.w];
-            for (d, s) in d.iter_mut().zip(src[iw0..].iter().step_by(g.stride)) {
+/// Fills `col` [C, area] with the inputs the tap reads over its rectangle. With `par`,
+/// parallel over channels.
+fn tap_inputs<T: WithDType>(g: &ConvGeom, x: &[T], t: &Tap, col: &mut [T], par: bool) {
+    let (area, rw) = (t.area(), t.ow.1 - t.ow.0);
+    let fill = |(c, dst): (usize, &mut [T])| {
+        for_tap_rows(g, t, c, |r, row, iw0| {
+            let src = x[row + iw0..].iter().step_by(g.stride);
+            for (d, s) in dst[r * rw..(r + 1) * rw].iter_mut().zip(src) {
                 *d = *s;
             }
-        }
+        })
+    };
+    let col = &mut col[..g.c * area];
+    if par {
+        col.par_chunks_mut(area).enumerate().for_each(fill);
+    } else {
+        col.chunks_mut(area).enumerate().for_each(fill);
     }
 }
 
-/// Adjoint of [`im2col_region`]: adds `dcol` [C·taps, area] into `gx` [C, H, W].
-fn col2im_region_add<T: WithDType>(g: &ConvGeom, dcol: &[T], r: &Region, gx: &mut [T]) {
-    let (area, rw) = (r.area(), r.ow.1 - r.ow.0);
-    let nt = r.taps.len();
-    for (row, src) in dcol[..g.c * nt * area].chunks_exact(area).enumerate() {
-        let (c, (ki, kj)) = (row / nt, r.taps[row % nt]);
-        let plane = &mut gx[c * g.h * g.w..(c + 1) * g.h * g.w];
-        for (oh, s) in (r.oh.0..r.oh.1).zip(src.chunks_exact(rw)) {
-            let ih = oh * g.stride + ki * g.dilation - g.padding;
-            let iw0 = r.ow.0 * g.stride + kj * g.dilation - g.padding;
-            let dst = &mut plane[ih * g.w..(ih + 1) * g.w];
-            for (d, s) in dst[iw0..].iter_mut().step_by(g.stride).zip(s) {
+/// Adjoint of [`tap_inputs`]: adds `dcol` [C, area] into `gx` [C, H, W]. With `par`, parallel
+/// over channels.
+fn tap_inputs_add<T: WithDType>(g: &ConvGeom, dcol: &[T], t: &Tap, gx: &mut [T], par: bool) {
+    let (area, rw, plane) = (t.area(), t.ow.1 - t.ow.0, g.h * g.w);
+    let add = |(c, dst): (usize, &mut [T])| {
+        let src = &dcol[c * area..(c + 1) * area];
+        // `for_tap_rows` gives offsets into the whole image; this task owns channel c's plane.
+        for_tap_rows(g, t, c, |r, row, iw0| {
+            let d = dst[row - c * plane + iw0..].iter_mut().step_by(g.stride);
+            for (d, s) in d.zip(&src[r * rw..(r + 1) * rw]) {
                 *d += *s;
             }
-        }
+        })
+    };
+    if par {
+        gx.par_chunks_mut(plane).enumerate().for_each(add);
+    } else {
+        gx.chunks_mut(plane).enumerate().for_each(add);
     }
 }
 
-/// Copies the region of `m` [rows, Ho·Wo] into `dst` [rows, area].
-fn gather_region<T: Copy>(g: &ConvGeom, m: &[T], rows: usize, r: &Region, dst: &mut [T]) {
-    let (p, rw) = (g.p(), r.ow.1 - r.ow.0);
-    let mut d = dst[..rows * r.area()].chunks_exact_mut(rw);
+/// Copies the tap's rectangle of `m` [rows, Ho·Wo] into `dst` [rows, area].
+fn gather_rect<T: Copy>(g: &ConvGeom, m: &[T], rows: usize, t: &Tap, dst: &mut [T]) {
+    let (p, rw) = (g.p(), t.ow.1 - t.ow.0);
+    let mut d = dst[..rows * t.area()].chunks_exact_mut(rw);
     for row in m.chunks_exact(p).take(rows) {
-        for oh in r.oh.0..r.oh.1 {
+        for oh in t.oh.0..t.oh.1 {
             if let Some(d) = d.next() {
-                d.copy_from_slice(&row[oh * g.wo + r.ow.0..oh * g.wo + r.ow.1]);
+                d.copy_from_slice(&row[oh * g.wo + t.ow.0..oh * g.wo + t.ow.1]);
             }
         }
     }
 }
 
-/// Adds `src` [rows, area] into the region of `m` [rows, Ho·Wo].
-fn scatter_region_add<T: WithDType>(g: &ConvGeom, src: &[T], rows: usize, r: &Region, m: &mut [T]) {
-    let (p, rw) = (g.p(), r.ow.1 - r.ow.0);
-    let mut s = src[..rows * r.area()].chunks_exact(rw);
+/// Adds `src` [rows, area] into the tap's rectangle of `m` [rows, Ho·Wo].
+fn scatter_rect_add<T: WithDType>(g: &ConvGeom, src: &[T], rows: usize, t: &Tap, m: &mut [T]) {
+    let (p, rw) = (g.p(), t.ow.1 - t.ow.0);
+    let mut s = src[..rows * t.area()].chunks_exact(rw);
     for row in m.chunks_exact_mut(p).take(rows) {
-        for oh in r.oh.0..r.oh.1 {
+        for oh in t.oh.0..t.oh.1 {
             if let Some(s) = s.next() {
-                for (d, v) in row[oh * g.wo + r.ow.0..oh * g.wo + r.ow.1]
+                for (d, v) in row[oh * g.wo + t.ow.0..oh * g.wo + t.ow.1]
                     .iter_mut()
                     .zip(s)
                 {
@@ -671,7 +651,6 @@ fn forward<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], w: &[T]) -> Vec<T> 
     let (k, p) = (g.k(), g.p());
     let mut y = super::zeros(g.n * g.o * p);
     let wm = MatRef::row_major(w, g.o, k);
-    let wr = RegionWeights::new(g, plan, w);
     let (per, par) = image_split(g.n);
     let task = |(xs, ys): (&[T], &mut [T])| {
         let mut work = Work::new(g, plan);
@@ -686,16 +665,19 @@ fn forward<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], w: &[T]) -> Vec<T> 
                         matmul(&mut yi[b.0 * g.wo..], p, wm, cm, false, par);
                     }
                 }
-                Plan::Sparse(regions) => {
-                    for (i, r) in regions.iter().enumerate() {
-                        let (kr, area) = (g.c * r.taps.len(), r.area());
-                        im2col_region(g, xi, r, &mut work.col);
-                        let (wm, cm) = (
-                            MatRef::row_major(wr.get(i), g.o, kr),
-                            MatRef::row_major(&work.col, kr, area),
-                        );
-                        matmul(&mut work.scratch, area, wm, cm, false, par);
-                        scatter_region_add(g, &work.scratch, g.o, r, yi);
+                Plan::Taps(taps) => {
+                    for t in taps {
+                        let wt = t.weight(g, w);
+                        if t.whole_rows(g) {
+                            let dst = &mut yi[t.oh.0 * g.wo..];
+                            matmul(dst, p, wt, t.in_view(g, xi), true, par);
+                        } else {
+                            let area = t.area();
+                            tap_inputs(g, xi, t, &mut work.col, par);
+                            let cm = MatRef::row_major(&work.col, g.c, area);
+                            matmul(&mut work.scratch, area, wt, cm, false, par);
+                            scatter_rect_add(g, &work.scratch, g.o, t, yi);
+                        }
                     }
                 }
             }
@@ -716,6 +698,9 @@ fn forward<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], w: &[T]) -> Vec<T> 
 /// pixels). When O < k the transpose [k, O] is accumulated instead and transposed once at the end.
 fn grad_weight<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], gy: &[T]) -> Vec<T> {
     let (k, p) = (g.k(), g.p());
+    if let Plan::Taps(taps) = plan {
+        return grad_weight_taps(g, taps, x, gy);
+    }
     let (per, par) = image_split(g.n);
     let transposed = g.o < k;
     // `acc (+)= gy_r [O, cols] · col_r [rows, cols]ᵀ`, into [O, rows] or its transpose [rows, O].
@@ -729,7 +714,6 @@ fn grad_weight<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], gy: &[T]) -> Ve
     let task = |(xs, gys): (&[T], &[T])| {
         let mut gw = vec![T::from_f64(0.0); g.o * k];
         let mut work = Work::new(g, plan);
-        let mut gwr = Vec::new();
         for (xi, gyi) in xs.chunks_exact(g.img()).zip(gys.chunks_exact(g.o * p)) {
             match plan {
                 Plan::Pointwise => {
@@ -744,40 +728,7 @@ fn grad_weight<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], gy: &[T]) -> Ve
                         gw_gemm(&mut gw, band(gyi, g.o, p, g.wo, b), cm, true);
                     }
                 }
-                Plan::Sparse(regions) => {
-                    let khw = g.kh * g.kw;
-                    for r in regions {
-                        let (nt, area) = (r.taps.len(), r.area());
-                        let kr = g.c * nt;
-                        im2col_region(g, xi, r, &mut work.col);
-                        gather_region(g, gyi, g.o, r, &mut work.scratch);
-                        // Overwritten by the GEMM (`resize` fills only what it adds).
-                        gwr.resize(g.o * kr, T::from_f64(0.0));
-                        gw_gemm(
-                            &mut gwr,
-                            MatRef::row_major(&work.scratch, g.o, area),
-                            MatRef::row_major(&work.col, kr, area),
-                            false,
-                        );
-                        // Row j = c·taps + t of the region's gradient is row c·9 + tap of the
-                        // weight's (transposed: whole rows of O; else column j of each row o).
-                        for c in 0..g.c {
-                            for (t, &(ki, kj)) in r.taps.iter().enumerate() {
-                                let (j, kk) = (c * nt + t, c * khw + ki * g.kw + kj);
-                                if transposed {
-                                    let dst = &mut gw[kk * g.o..][..g.o];
-                                    for (d, s) in dst.iter_mut().zip(&gwr[j * g.o..][..g.o]) {
-                                        *d += *s;
-                                    }
-                                } else {
-                                    for o in 0..g.o {
-                                        gw[o * k + kk] += gwr[o * kr + j];
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
+                Plan::Taps(_) => unreachable!("grad_weight_taps takes the tap plan"),
             }
         }
         gw
@@ -791,20 +742,109 @@ fn grad_weight<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], gy: &[T]) -> Ve
     sum_partials(partials, g.o, k, transposed)
 }
 
+/// [`grad_weight`] for the tap plan: `gw[:, :, ki, kj] = Σ_n gy_n[:, rect] · x_n[:, rect shifted]ᵀ`
+/// per tap, accumulated as [C, O] blocks (the GEMM's fast orientation here) for the live taps
+/// only; the dead ones (all padding, e.g. 8 of rate 36's 9 on a 32×32 map) get zeros.
+fn grad_weight_taps<T: WithDType>(g: &ConvGeom, taps: &[Tap], x: &[T], gy: &[T]) -> Vec<T> {
+    let (k, p, khw, co) = (g.k(), g.p(), g.kh * g.kw, g.c * g.o);
+    // Slot of each kernel position in the partial sums, or None for a dead tap.
+    let mut slot = vec![None; khw];
+    let mut live = 0;
+    for t in taps {
+        let s = &mut slot[t.ki * g.kw + t.kj];
+        if s.is_none() {
+            *s = Some(live);
+            live += 1;
+        }
+    }
+    let (per, par) = image_split(g.n);
+    let task = |(xs, gys): (&[T], &[T])| {
+        let mut acc = vec![T::from_f64(0.0); live * co];
+        let (mut col, mut scratch) = (Vec::new(), Vec::new());
+        for (xi, gyi) in xs.chunks_exact(g.img()).zip(gys.chunks_exact(g.o * p)) {
+            for t in taps {
+                // Every listed tap has a slot (set above).
+                let s = slot[t.ki * g.kw + t.kj].unwrap_or_default();
+                let (xm, gm) = if t.whole_rows(g) {
+                    (t.in_view(g, xi), t.out_view(g, gyi, g.o))
+                } else {
+                    let area = t.area();
+                    col.resize(col.len().max(g.c * area), T::from_f64(0.0));
+                    scratch.resize(scratch.len().max(g.o * area), T::from_f64(0.0));
+                    tap_inputs(g, xi, t, &mut col, par);
+                    gather_rect(g, gyi, g.o, t, &mut scratch);
+                    (
+                        MatRef::row_major(&col[..], g.c, area),
+                        MatRef::row_major(&scratch[..], g.o, area),
+                    )
+                };
+                matmul(&mut acc[s * co..], g.o, xm, gm.t(), true, par);
+            }
+        }
+        acc
+    };
+    let partials: Vec<Vec<T>> = x
+        .par_chunks(per * g.img())
+        .zip(gy.par_chunks(per * g.o * p))
+        .with_max_len(1)
+        .map(task)
+        .collect();
+    let acc = sum_partials(partials, live * g.c, g.o, false);
+    // gw[o, c·khw + tap] = acc[slot(tap)][c][o]: blocks of ROWS output rows per task, reading
+    // ROWS consecutive elements of each of acc's rows.
+    const ROWS: usize = 16;
+    // SAFETY: the tasks' blocks of ROWS·k elements cover the output, and each writes every
+    // (row, column) of its block.
+    unsafe {
+        super::filled(g.o * k, |out| {
+            out.par_chunks_mut(ROWS * k)
+                .enumerate()
+                .for_each(|(bi, blk)| {
+                    let (o0, n) = (bi * ROWS, blk.len() / k);
+                    for c in 0..g.c {
+                        for (tap, s) in slot.iter().enumerate() {
+                            let j = c * khw + tap;
+                            match s {
+                                Some(s) => {
+                                    let src = &acc[(s * g.c + c) * g.o + o0..][..n];
+                                    for (di, &v) in src.iter().enumerate() {
+                                        blk[di * k + j].write(v);
+                                    }
+                                }
+                                None => {
+                                    for di in 0..n {
+                                        blk[di * k + j].write(T::from_f64(0.0));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                })
+        })
+    }
+}
+
 /// `W′[c, o, i, j] = W[o, c, kh-1-i, kw-1-j]` (see [`ConvGeom::input_grad_conv`]).
 fn flip_transpose<T: WithDType>(g: &ConvGeom, w: &[T]) -> Vec<T> {
     let khw = g.kh * g.kw;
-    let mut out = vec![T::from_f64(0.0); w.len()];
-    for o in 0..g.o {
-        for c in 0..g.c {
-            let src = &w[(o * g.c + c) * khw..][..khw];
-            let dst = &mut out[(c * g.o + o) * khw..][..khw];
-            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
-                *d = *s;
-            }
-        }
+    if w.is_empty() {
+        return Vec::new();
     }
-    out
+    // SAFETY: each task writes all O·khw elements of its channel's rows.
+    unsafe {
+        super::filled(w.len(), |out| {
+            out.par_chunks_mut(g.o * khw)
+                .enumerate()
+                .for_each(|(c, rows)| {
+                    for (o, dst) in rows.chunks_exact_mut(khw).enumerate() {
+                        let src = &w[(o * g.c + c) * khw..][..khw];
+                        for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                            d.write(*s);
+                        }
+                    }
+                })
+        })
+    }
 }
 
 /// `gx` [N, C, H, W]: the transposed-kernel convolution of `gy` where it applies, else
@@ -821,7 +861,6 @@ fn grad_input<T: WithDType>(g: &ConvGeom, plan: &Plan, gy: &[T], w: &[T]) -> Vec
     let (k, p) = (g.k(), g.p());
     let mut gx = super::zeros(g.n * g.img());
     let wt = MatRef::row_major(w, g.o, k).t();
-    let wr = RegionWeights::new(g, plan, w);
     let (per, par) = image_split(g.n);
     let task = |(gys, gxs): (&[T], &mut [T])| {
         let mut work = Work::new(g, plan);
@@ -836,19 +875,19 @@ fn grad_input<T: WithDType>(g: &ConvGeom, plan: &Plan, gy: &[T], w: &[T]) -> Vec
                         col2im_add(g, &work.col, b, gxi, par);
                     }
                 }
-                Plan::Sparse(regions) => {
-                    for (i, r) in regions.iter().enumerate() {
-                        let (kr, area) = (g.c * r.taps.len(), r.area());
-                        gather_region(g, gyi, g.o, r, &mut work.scratch);
-                        matmul(
-                            &mut work.col,
-                            area,
-                            MatRef::row_major(wr.get(i), g.o, kr).t(),
-                            MatRef::row_major(&work.scratch, g.o, area),
-                            false,
-                            par,
-                        );
-                        col2im_region_add(g, &work.col, r, gxi);
+                Plan::Taps(taps) => {
+                    for t in taps {
+                        // `Work` leaves out whole-row taps, which the other passes read in
+                        // place; this one copies every tap.
+                        let area = t.area();
+                        let zero = T::from_f64(0.0);
+                        work.col.resize(work.col.len().max(g.c * area), zero);
+                        work.scratch
+                            .resize(work.scratch.len().max(g.o * area), zero);
+                        gather_rect(g, gyi, g.o, t, &mut work.scratch);
+                        let gm = MatRef::row_major(&work.scratch, g.o, area);
+                        matmul(&mut work.col, area, t.weight(g, w).t(), gm, false, par);
+                        tap_inputs_add(g, &work.col, t, gxi, par);
                     }
                 }
             }
@@ -1145,40 +1184,52 @@ mod tests {
     }
 
     /// ASPP's geometry on a 32×32 feature map: the rate-36 branch only ever reads its centre
-    /// tap, rates 12 and 24 are sparse, and ordinary 3×3 convolutions stay dense.
+    /// tap, rates 12 and 24 take the tap plan, and ordinary 3×3 convolutions stay dense.
     #[test]
     fn plans_for_aspp_rates() {
         let xs = Shape::from((2, 8, 32, 32));
         let ws = Shape::from((4, 8, 3, 3));
-        let plan = |rate| Plan::new(&ConvGeom::new(&xs, &ws, 1, rate, rate).unwrap());
+        let geom = |rate| ConvGeom::new(&xs, &ws, 1, rate, rate).unwrap();
+        let plan = |rate| Plan::new(&geom(rate));
         assert_eq!(plan(1), Plan::Dense);
         assert_eq!(plan(2), Plan::Dense);
-        assert!(matches!(plan(12), Plan::Sparse(_)));
+        let Plan::Taps(taps12) = plan(12) else {
+            panic!("rate 12: {:?}", plan(12))
+        };
+        // Every tap live on part of the map; the centre column's taps read whole rows.
+        assert_eq!(taps12.len(), 9);
+        let whole: Vec<_> = taps12.iter().filter(|t| t.whole_rows(&geom(12))).collect();
+        assert_eq!(
+            whole.iter().map(|t| (t.ki, t.kj)).collect::<Vec<_>>(),
+            [(0, 1), (1, 1), (2, 1)]
+        );
         match plan(36) {
-            Plan::Sparse(regions) => {
-                assert!(regions.iter().all(|r| r.taps == [(1, 1)]));
-                assert_eq!(regions.iter().map(Region::area).sum::<usize>(), 32 * 32);
+            Plan::Taps(taps) => {
+                assert_eq!(taps.len(), 1);
+                assert_eq!((taps[0].ki, taps[0].kj, taps[0].area()), (1, 1, 32 * 32));
             }
             other => panic!("rate 36: {other:?}"),
         }
         match plan(24) {
-            Plan::Sparse(regions) => {
-                assert_eq!(regions.iter().map(Region::area).sum::<usize>(), 32 * 32);
-                let macs: usize = regions.iter().map(|r| r.area() * r.taps.len()).sum();
-                // Centre 16×16 one tap, edges 8×16 two, corners 8×8 four.
-                assert_eq!(macs, 256 + 4 * 128 * 2 + 4 * 64 * 4);
+            Plan::Taps(taps) => {
+                let macs: usize = taps.iter().map(Tap::area).sum();
+                // Centre 32×32, edges 8×32, corners 8×8.
+                assert_eq!(macs, 1024 + 4 * 8 * 32 + 4 * 64);
             }
             other => panic!("rate 24: {other:?}"),
         }
     }
 
-    /// The sparse plan (region banding included) and image-parallel execution give exactly the
+    /// The tap plan (banding included) and image-parallel execution give exactly the
     /// dense, single-task results: forward, weight gradient and input gradient.
     #[test]
     fn sparse_and_image_parallel_match_dense() {
-        // (stride, padding, dilation, kernel, budget): dilations large against a 9×11 image.
+        // (stride, padding, dilation, kernel, budget): dilations large against a 9×11 image;
+        // at 10 and 12 some taps never read it (dead rows of taps; only the centre tap).
         let geoms = [
             (1, 6, 6, 3, usize::MAX),
+            (1, 10, 10, 3, usize::MAX),
+            (1, 12, 12, 3, 40),
             (1, 8, 8, 3, 40),
             (2, 7, 5, 3, usize::MAX),
             (1, 5, 4, 4, 100),
@@ -1197,7 +1248,7 @@ mod tests {
                 ..g
             };
             let sparse = Plan::new(&g);
-            assert!(matches!(sparse, Plan::Sparse(_)), "{g:?}: {sparse:?}");
+            assert!(matches!(sparse, Plan::Taps(_)), "{g:?}: {sparse:?}");
             let (x, w, gy) = data(&xs, &ws, &g);
             let run = |threads: usize, plan: &Plan| {
                 rayon::ThreadPoolBuilder::new()
