@@ -74,13 +74,28 @@ fn fwd_bwd_ms(runs: usize, gy: &Tensor, f: impl Fn() -> Tensor) -> (f64, f64) {
 }
 
 fn bench(name: &str, x: (usize, usize, usize, usize), o: usize, k: usize, s: usize, p: usize) {
+    bench_dilated(name, x, o, k, s, p, 1, true)
+}
+
+/// [`bench`] with a dilation; `candle`: also time Candle's conv2d (seconds per backward).
+#[allow(clippy::too_many_arguments)]
+fn bench_dilated(
+    name: &str,
+    x: (usize, usize, usize, usize),
+    o: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+    d: usize,
+    candle: bool,
+) {
     let dev = Device::Cpu;
     let xv = Var::randn(0f32, 1.0, x, &dev).unwrap();
     let wv = Var::randn(0f32, 0.05, (o, x.1, k, k), &dev).unwrap();
-    let ours = |x: &Tensor, w: &Tensor| ops::conv2d(x, w, None, s, p, 1).unwrap();
-    let candle = |x: &Tensor, w: &Tensor| x.conv2d(w, p, s, 1, 1).unwrap();
+    let ours = |x: &Tensor, w: &Tensor| ops::conv2d(x, w, None, s, p, d).unwrap();
+    let theirs = |x: &Tensor, w: &Tensor| x.conv2d(w, p, s, d, 1).unwrap();
     let y = ours(&xv, &wv);
-    let diff = (&y - candle(&xv, &wv))
+    let diff = (&y - theirs(&xv, &wv))
         .unwrap()
         .abs()
         .unwrap()
@@ -89,8 +104,8 @@ fn bench(name: &str, x: (usize, usize, usize, usize), o: usize, k: usize, s: usi
     assert!(diff.to_scalar::<f32>().unwrap() < 1e-3);
     let gy = Tensor::randn(0f32, 1.0, y.dims(), &dev).unwrap();
     type Conv<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Tensor;
-    let impls: [(&str, Conv); 2] = [("ours", &ours), ("candle", &candle)];
-    for (label, f) in impls {
+    let impls: [(&str, Conv); 2] = [("ours", &ours), ("candle", &theirs)];
+    for (label, f) in impls.into_iter().take(if candle { 2 } else { 1 }) {
         // Candle's backward takes seconds: one timed run is enough to show the gap.
         let runs = if label == "ours" { 5 } else { 1 };
         let (fwd, bwd) = fwd_bwd_ms(runs, &gy, || f(&xv, &wv));
@@ -122,4 +137,25 @@ fn bench_conv2d() {
     bench("1x1 256->1024 64x64 n2", (2, 256, 64, 64), 1024, 1, 1, 0);
     bench("7x7/2 3->64 256px n2", (2, 3, 256, 256), 64, 7, 2, 3);
     bench_batchnorm((2, 256, 64, 64));
+}
+
+/// ASPP's dilated branches in the DeepLabV3-R50 step at 256 px (batch 2, 32×32 map), where the
+/// tap plan applies, beside the 1×1 branch of the same shape.
+#[test]
+#[ignore = "timing, run on demand"]
+fn bench_aspp() {
+    for rate in [12, 24, 36] {
+        let name = format!("ASPP 3x3 2048->256 32x32 n2 rate {rate}");
+        bench_dilated(&name, (2, 2048, 32, 32), 256, 3, 1, rate, rate, false);
+    }
+    bench_dilated(
+        "ASPP 1x1 2048->256 32x32 n2",
+        (2, 2048, 32, 32),
+        256,
+        1,
+        1,
+        0,
+        1,
+        false,
+    );
 }
