@@ -71,11 +71,11 @@ fn conv2d_grad_various_geometries() {
         (1, 4, 7, 7, 3, 1, 2, 0, 1),
         (2, 4, 5, 6, 3, 1, 1, 0, 1),
         (1, 2, 9, 8, 3, 3, 1, 2, 2),
+        // Tap plan with only the centre tap live (the other 8 read padding only).
         (1, 2, 5, 5, 2, 3, 1, 6, 6),
-        // Sparse plan (taps partly in the padding) with two images (one per thread).
+        // Tap plan (taps partly in the padding) with two images (one per thread).
         (2, 3, 9, 11, 4, 3, 1, 4, 4),
-        // Sparse plan with more output channels than weight columns (O ≥ C·9: the weight
-        // gradient is accumulated untransposed).
+        // Tap plan with more output channels than weight columns (O ≥ C·9).
         (2, 1, 9, 10, 11, 3, 1, 4, 4),
         (1, 2, 11, 10, 2, 7, 2, 3, 1),
         (1, 3, 6, 6, 2, 2, 1, 0, 1),
