@@ -733,13 +733,23 @@ fn grad_weight<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], gy: &[T]) -> Ve
         }
         gw
     };
-    let partials: Vec<Vec<T>> = x
-        .par_chunks(per * g.img())
-        .zip(gy.par_chunks(per * g.o * p))
+    sum_partials(partials_per_task(g, per, x, gy, task), g.o, k, transposed)
+}
+
+/// `task`'s partial weight gradient for each group of `per` images of `x` and `gy`, one group
+/// per rayon task.
+fn partials_per_task<T: WithDType>(
+    g: &ConvGeom,
+    per: usize,
+    x: &[T],
+    gy: &[T],
+    task: impl Fn((&[T], &[T])) -> Vec<T> + Sync + Send,
+) -> Vec<Vec<T>> {
+    x.par_chunks(per * g.img())
+        .zip(gy.par_chunks(per * g.o * g.p()))
         .with_max_len(1)
         .map(task)
-        .collect();
-    sum_partials(partials, g.o, k, transposed)
+        .collect()
 }
 
 /// [`grad_weight`] for the tap plan: `gw[:, :, ki, kj] = Σ_n gy_n[:, rect] · x_n[:, rect shifted]ᵀ`
@@ -783,13 +793,12 @@ fn grad_weight_taps<T: WithDType>(g: &ConvGeom, taps: &[Tap], x: &[T], gy: &[T])
         }
         acc
     };
-    let partials: Vec<Vec<T>> = x
-        .par_chunks(per * g.img())
-        .zip(gy.par_chunks(per * g.o * p))
-        .with_max_len(1)
-        .map(task)
-        .collect();
-    let acc = sum_partials(partials, live * g.c, g.o, false);
+    let acc = sum_partials(
+        partials_per_task(g, per, x, gy, task),
+        live * g.c,
+        g.o,
+        false,
+    );
     // gw[o, c·khw + tap] = acc[slot(tap)][c][o]: blocks of ROWS output rows per task, reading
     // ROWS consecutive elements of each of acc's rows.
     const ROWS: usize = 16;
