@@ -60,18 +60,30 @@ impl Predictor<'_> {
     /// already at the size the model works at (training-time validation), zoomed first and
     /// resized back in native mode with a `zoom`.
     pub fn logits(&self, img: &RgbImage) -> Result<Tensor> {
-        let zoomed = match self.mode {
-            Mode::Native { zoom, .. } => zoom_image(img, zoom),
-            Mode::Resize(_) => None,
+        let zoom = match self.mode {
+            Mode::Native { zoom, .. } => zoom,
+            Mode::Resize(_) => 1.0,
         };
+        self.at_zoom(img, zoom, |x, _| self.logits_at(x))
+    }
+
+    /// `f`'s [1, C, h, w] result for `img` zoomed by `zoom` (prepared, as a normalised tensor,
+    /// with its zoomed size), resized back to `img`'s own size where the zoom changed it.
+    fn at_zoom(
+        &self,
+        img: &RgbImage,
+        zoom: f32,
+        f: impl FnOnce(&Tensor, (u32, u32)) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let zoomed = zoom_image(img, zoom);
         let (img_in, (w, h)) = (zoomed.as_ref().unwrap_or(img), img.dimensions());
         let (prepared, stats) = data::prepare(img_in, self.normalize);
         let x = image_tensor(&prepared, &stats, self.model.device())?;
-        let y = self.logits_at(&x)?;
-        Ok(match zoomed {
-            Some(_) => resize_bilinear(&y, h as usize, w as usize)?,
-            None => y,
-        })
+        let y = f(&x, img_in.dimensions())?;
+        match zoomed {
+            Some(_) => Ok(resize_bilinear(&y, h as usize, w as usize)?),
+            None => Ok(y),
+        }
     }
 
     /// `x` [N, C, H, W] reflect-padded at the bottom and right to multiples of the model's
@@ -132,23 +144,13 @@ impl Predictor<'_> {
                 tile,
                 overlap,
                 zoom,
-            } => {
-                let zoomed = zoom_image(img, zoom);
-                let img = zoomed.as_ref().unwrap_or(img);
-                let (zw, zh) = img.dimensions();
-                let (img, stats) = data::prepare(img, self.normalize);
-                let x = image_tensor(&img, &stats, device)?;
-                let p = if tile == 0 || (zw <= tile && zh <= tile) {
-                    self.probs_tensor(&x)?
+            } => self.at_zoom(img, zoom, |x, (zw, zh)| {
+                if tile == 0 || (zw <= tile && zh <= tile) {
+                    self.probs_tensor(x)
                 } else {
-                    self.tiled(&x, tile as usize, overlap as usize)?
-                };
-                if zoomed.is_some() {
-                    resize_bilinear(&p, h as usize, w as usize)?
-                } else {
-                    p
+                    self.tiled(x, tile as usize, overlap as usize)
                 }
-            }
+            })?,
         };
         Ok(p.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
     }
