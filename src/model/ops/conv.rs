@@ -392,12 +392,8 @@ impl Plan {
         match self {
             Plan::Pointwise => (0, 0),
             Plan::Dense => (g.col_len(), 0),
-            Plan::Taps(taps) => taps
-                .iter()
-                .filter(|t| !t.whole_rows(g))
-                .fold((0, 0), |(c, s), t| {
-                    (c.max(g.c * t.area()), s.max(g.o * t.area()))
-                }),
+            // Sized per tap by `Work::fit_tap`: whole-row taps need none in two of the passes.
+            Plan::Taps(_) => (0, 0),
         }
     }
 }
@@ -417,29 +413,39 @@ impl<T: WithDType> Work<T> {
             scratch: vec![zero; s],
         }
     }
+
+    /// Grows the buffers to hold tap `t`'s input [C, area] and output [O, area] matrices.
+    fn fit_tap(&mut self, g: &ConvGeom, t: &Tap) {
+        let zero = T::from_f64(0.0);
+        let (c, s) = (g.c * t.area(), g.o * t.area());
+        if self.col.len() < c {
+            self.col = vec![zero; c];
+        }
+        if self.scratch.len() < s {
+            self.scratch = vec![zero; s];
+        }
+    }
 }
 
-/// Calls `f(r, row, iw0)` for each output row `r` (counted from the rectangle's first) of the
-/// tap's rectangle in channel `c`: `row` is the offset in the image [C, H, W] of the input row
-/// it reads and `iw0` the first input column (all inside the image).
-fn for_tap_rows(g: &ConvGeom, t: &Tap, c: usize, mut f: impl FnMut(usize, usize, usize)) {
+/// Calls `f(r, at)` for each output row `r` (counted from the rectangle's first) of the tap's
+/// rectangle: `at` is the offset in a channel plane [H, W] of the first input the row reads
+/// (all its inputs are inside the image, `stride` apart).
+fn for_tap_rows(g: &ConvGeom, t: &Tap, mut f: impl FnMut(usize, usize)) {
     let iw0 = t.ow.0 * g.stride + t.kj * g.dilation - g.padding;
     for oh in t.oh.0..t.oh.1 {
-        f(
-            oh - t.oh.0,
-            c * g.h * g.w + (oh * g.stride + t.ki * g.dilation - g.padding) * g.w,
-            iw0,
-        );
+        let ih = oh * g.stride + t.ki * g.dilation - g.padding;
+        f(oh - t.oh.0, ih * g.w + iw0);
     }
 }
 
 /// Fills `col` [C, area] with the inputs the tap reads over its rectangle. With `par`,
 /// parallel over channels.
 fn tap_inputs<T: WithDType>(g: &ConvGeom, x: &[T], t: &Tap, col: &mut [T], par: bool) {
-    let (area, rw) = (t.area(), t.ow.1 - t.ow.0);
+    let (area, rw, plane) = (t.area(), t.ow.1 - t.ow.0, g.h * g.w);
     let fill = |(c, dst): (usize, &mut [T])| {
-        for_tap_rows(g, t, c, |r, row, iw0| {
-            let src = x[row + iw0..].iter().step_by(g.stride);
+        let x = &x[c * plane..(c + 1) * plane];
+        for_tap_rows(g, t, |r, at| {
+            let src = x[at..].iter().step_by(g.stride);
             for (d, s) in dst[r * rw..(r + 1) * rw].iter_mut().zip(src) {
                 *d = *s;
             }
@@ -459,9 +465,8 @@ fn tap_inputs_add<T: WithDType>(g: &ConvGeom, dcol: &[T], t: &Tap, gx: &mut [T],
     let (area, rw, plane) = (t.area(), t.ow.1 - t.ow.0, g.h * g.w);
     let add = |(c, dst): (usize, &mut [T])| {
         let src = &dcol[c * area..(c + 1) * area];
-        // `for_tap_rows` gives offsets into the whole image; this task owns channel c's plane.
-        for_tap_rows(g, t, c, |r, row, iw0| {
-            let d = dst[row - c * plane + iw0..].iter_mut().step_by(g.stride);
+        for_tap_rows(g, t, |r, at| {
+            let d = dst[at..].iter_mut().step_by(g.stride);
             for (d, s) in d.zip(&src[r * rw..(r + 1) * rw]) {
                 *d += *s;
             }
@@ -673,6 +678,7 @@ fn forward<T: WithDType>(g: &ConvGeom, plan: &Plan, x: &[T], w: &[T]) -> Vec<T> 
                             matmul(dst, p, wt, t.in_view(g, xi), true, par);
                         } else {
                             let area = t.area();
+                            work.fit_tap(g, t);
                             tap_inputs(g, xi, t, &mut work.col, par);
                             let cm = MatRef::row_major(&work.col, g.c, area);
                             matmul(&mut work.scratch, area, wt, cm, false, par);
@@ -770,7 +776,11 @@ fn grad_weight_taps<T: WithDType>(g: &ConvGeom, taps: &[Tap], x: &[T], gy: &[T])
     let (per, par) = image_split(g.n);
     let task = |(xs, gys): (&[T], &[T])| {
         let mut acc = vec![T::from_f64(0.0); live * co];
-        let (mut col, mut scratch) = (Vec::new(), Vec::new());
+        // Sized per tap (`Work::fit_tap`), as the tap plan's `Work::new` leaves them.
+        let mut work = Work {
+            col: Vec::new(),
+            scratch: Vec::new(),
+        };
         for (xi, gyi) in xs.chunks_exact(g.img()).zip(gys.chunks_exact(g.o * p)) {
             for t in taps {
                 // Every listed tap has a slot (set above).
@@ -779,13 +789,12 @@ fn grad_weight_taps<T: WithDType>(g: &ConvGeom, taps: &[Tap], x: &[T], gy: &[T])
                     (t.in_view(g, xi), t.out_view(g, gyi, g.o))
                 } else {
                     let area = t.area();
-                    col.resize(col.len().max(g.c * area), T::from_f64(0.0));
-                    scratch.resize(scratch.len().max(g.o * area), T::from_f64(0.0));
-                    tap_inputs(g, xi, t, &mut col, par);
-                    gather_rect(g, gyi, g.o, t, &mut scratch);
+                    work.fit_tap(g, t);
+                    tap_inputs(g, xi, t, &mut work.col, par);
+                    gather_rect(g, gyi, g.o, t, &mut work.scratch);
                     (
-                        MatRef::row_major(&col[..], g.c, area),
-                        MatRef::row_major(&scratch[..], g.o, area),
+                        MatRef::row_major(&work.col, g.c, area),
+                        MatRef::row_major(&work.scratch, g.o, area),
                     )
                 };
                 matmul(&mut acc[s * co..], g.o, xm, gm.t(), true, par);
@@ -886,13 +895,8 @@ fn grad_input<T: WithDType>(g: &ConvGeom, plan: &Plan, gy: &[T], w: &[T]) -> Vec
                 }
                 Plan::Taps(taps) => {
                     for t in taps {
-                        // `Work` leaves out whole-row taps, which the other passes read in
-                        // place; this one copies every tap.
                         let area = t.area();
-                        let zero = T::from_f64(0.0);
-                        work.col.resize(work.col.len().max(g.c * area), zero);
-                        work.scratch
-                            .resize(work.scratch.len().max(g.o * area), zero);
+                        work.fit_tap(g, t);
                         gather_rect(g, gyi, g.o, t, &mut work.scratch);
                         let gm = MatRef::row_major(&work.scratch, g.o, area);
                         matmul(&mut work.col, area, t.weight(g, w).t(), gm, false, par);
