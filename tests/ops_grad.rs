@@ -194,3 +194,35 @@ fn add_relu_grad() {
     let b = randn(&mut rng, &[2, 3, 4, 5]);
     check_grad(&[a, b], |t| ops::add_relu(&t[0], &t[1]), 80);
 }
+
+/// SA-UNet's two additions in training: a DropBlock (its mask fixed by the seed, so the
+/// function is differentiable) followed by the spatial attention, gradients with respect to
+/// the input and the attention's 7×7 weights. The max over channels is differentiable away
+/// from ties, which random inputs do not have.
+#[test]
+fn dropblock_and_spatial_attention_grad() {
+    use driveline::model::layers::{Conv2d, DropBlock, Pass};
+    use driveline::model::unet::SpatialAttention;
+    let mut rng = StdRng::seed_from_u64(8);
+    let x = randn(&mut rng, &[2, 3, 9, 8]);
+    let w = randn(&mut rng, &[1, 2, 7, 7]);
+    let drop = DropBlock::new(0.3, 3, 1);
+    drop.reseed(4);
+    let f = |t: &[Tensor]| {
+        let attention = SpatialAttention {
+            conv: Conv2d {
+                weight: Var::from_tensor(&t[1])?,
+                bias: None,
+                stride: 1,
+                padding: 3,
+                dilation: 1,
+            },
+        };
+        let dropped = drop.forward(&t[0], Pass::Train)?;
+        attention.forward(&dropped, Pass::Train)
+    };
+    // The mask zeroes some of the input, so that part of the gradient is zero.
+    let y = f(&[x.clone(), w.clone()]).unwrap();
+    assert_eq!(y.dims(), x.dims());
+    check_grad(&[x, w], f, 150);
+}

@@ -68,6 +68,30 @@ fn killed_training_with_an_ema_resumes_to_the_same_average() {
     );
 }
 
+/// SA-UNet's options: DropBlock's masks are reseeded every step, so a resumed run draws the
+/// masks of the uninterrupted one, and reaches its weights bit for bit; the masks are live (the
+/// weights differ from those trained without DropBlock).
+#[test]
+fn killed_training_with_dropblock_resumes_to_the_same_weights() {
+    let exp = EXP.replace(
+        "widths = [8, 16, 32]\n",
+        "widths = [8, 16, 32]\nattention = \"spatial\"\n[model.dropblock]\ndrop = 0.2\nsize = 3\n",
+    );
+    let (a, _) = killed_run_resumes_bitwise(&exp);
+    let with = weights(&a.path().join("runs/r/train/last.safetensors"));
+    assert!(with.contains_key("attention.weight"));
+    let without_drop = exp.replace("drop = 0.2", "drop = 0.0");
+    let p = Project::new();
+    let e = p.experiment("r", &without_drop);
+    p.run_json(&[e.to_str().unwrap(), "--until", "train"]);
+    let without = weights(&p.path().join("runs/r/train/last.safetensors"));
+    let (k, diff) = max_diff(&with, &without);
+    assert!(
+        diff > 1e-3,
+        "DropBlock changed no weight (largest difference {diff} in {k})"
+    );
+}
+
 /// A run killed while saving a period (after `last.safetensors`, before `state.json`) leaves
 /// weights one period ahead of the periods `state.json` records: the rerun must not resume
 /// from them, and still ends with an uninterrupted run's weights. The kill is simulated

@@ -193,6 +193,49 @@ pub struct ModelConfig {
     pub widths: Vec<usize>,
     /// U-Net: how the decoder upsamples.
     pub upsample: Upsample,
+    /// U-Net: `[model.dropblock]`, structured dropout after every 3×3 convolution in training
+    /// (SA-UNet's blocks). Unset: off, and absent from the `model` section's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropblock: Option<DropBlock>,
+    /// U-Net: `"spatial"` puts SA-UNet's spatial attention between the bottleneck's two
+    /// convolutions. Unset: none, and absent from the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<Attention>,
+    /// U-Net: deep supervision with this decay `d` (nnU-Net's scheme). Every decoder level
+    /// above the full-resolution one gets a 1×1 head (`aux.j`); in training its logits,
+    /// upsampled bilinearly to the input's size, add a loss term weighted d^k at 1/2^k of the
+    /// resolution, and the sum is divided by the weights' total. Evaluation and inference use
+    /// the main head only. Unset: off, and absent from the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deep_supervision: Option<f64>,
+}
+
+/// `[model.dropblock]`: DropBlock (Ghiasi et al., NeurIPS 2018) in SA-UNet's place, between each
+/// 3×3 convolution and its BatchNorm: in training, square blocks of `size`×`size` are zeroed in
+/// each channel so that about `drop` of the activations are, and the rest scaled up to keep the
+/// sum; evaluation leaves the activations as they are.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DropBlock {
+    /// The fraction of activations dropped (SA-UNet: 1 − keep_prob, 0.1 to 0.18).
+    pub drop: f64,
+    /// The block's side, shrunk to the feature map's where that is smaller.
+    pub size: usize,
+}
+
+impl Default for DropBlock {
+    fn default() -> Self {
+        Self { drop: 0.1, size: 7 }
+    }
+}
+
+/// `model.attention`: an attention module in the U-Net's bottleneck.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Attention {
+    /// SA-UNet's spatial attention (CBAM's spatial half): the channel-wise mean and max, a 7×7
+    /// convolution (2 → 1, no bias) and a sigmoid give a map that multiplies every channel.
+    Spatial,
 }
 
 impl Default for ModelConfig {
@@ -204,6 +247,9 @@ impl Default for ModelConfig {
             pretrained: String::new(),
             widths: vec![16, 32, 64, 128],
             upsample: Upsample::Transpose,
+            dropblock: None,
+            attention: None,
+            deep_supervision: None,
         }
     }
 }
@@ -605,6 +651,9 @@ impl Experiment {
     pub fn known() -> Self {
         let mut e = Self::template();
         e.train.cldice = Some(Cldice::default());
+        e.model.dropblock = Some(DropBlock::default());
+        e.model.attention = Some(Attention::Spatial);
+        e.model.deep_supervision = Some(0.5);
         e.data.zoom = Some(1.0);
         e
     }
@@ -702,6 +751,39 @@ impl Experiment {
                 "model.widths",
                 format!("{:?}: 1 to 6 levels, each at least 1 channel", m.widths),
             );
+        }
+        if let Some(d) = &m.dropblock {
+            if !(0.0..1.0).contains(&d.drop) {
+                bad(
+                    "model.dropblock.drop",
+                    format!(
+                        "{} must be in [0, 1): the fraction of activations dropped",
+                        d.drop
+                    ),
+                );
+            }
+            if d.size == 0 {
+                bad("model.dropblock.size", "must be at least 1".into());
+            }
+        }
+        if let Some(d) = m.deep_supervision {
+            if !(d > 0.0 && d <= 1.0) {
+                bad(
+                    "model.deep_supervision",
+                    format!("{d} must be in (0, 1]: the weight decay per level; remove the key to turn it off"),
+                );
+            }
+        }
+        if m.arch != Arch::Unet {
+            for (key, set) in [
+                ("model.dropblock", m.dropblock.is_some()),
+                ("model.attention", m.attention.is_some()),
+                ("model.deep_supervision", m.deep_supervision.is_some()),
+            ] {
+                if set {
+                    bad(key, "is a U-Net option: model.arch is not \"unet\"".into());
+                }
+            }
         }
         let t = &self.train;
         if t.imgsz < 64 || !t.imgsz.is_multiple_of(8) {
@@ -956,5 +1038,75 @@ mod tests {
         // Unset, it is null: absent from the stage keys of experiments that do not use it.
         let e = Experiment::template();
         assert_eq!(e.value_at("data.zoom"), Some(serde_json::Value::Null));
+    }
+
+    #[test]
+    fn sa_unet_options_are_checked_and_absent_from_keys_when_unset() {
+        let errors = |f: &dyn Fn(&mut Experiment)| {
+            let mut e = Experiment::template();
+            e.name = "s".into();
+            e.model.arch = Arch::Unet;
+            f(&mut e);
+            e.validate()
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("model."))
+                .collect::<Vec<_>>()
+        };
+        assert!(errors(&|e| {
+            e.model.dropblock = Some(DropBlock::default());
+            e.model.attention = Some(Attention::Spatial);
+        })
+        .is_empty());
+        for drop in [-0.1, 1.0, f64::NAN] {
+            let m = errors(&|e| e.model.dropblock = Some(DropBlock { drop, size: 7 }));
+            assert!(
+                m.len() == 1 && m[0].0 == "model.dropblock.drop",
+                "{drop}: {m:?}"
+            );
+        }
+        let m = errors(&|e| e.model.dropblock = Some(DropBlock { drop: 0.1, size: 0 }));
+        assert!(m.len() == 1 && m[0].0 == "model.dropblock.size", "{m:?}");
+        for d in [0.0, 1.5, f64::NAN] {
+            let m = errors(&|e| e.model.deep_supervision = Some(d));
+            assert!(
+                m.len() == 1 && m[0].0 == "model.deep_supervision",
+                "{d}: {m:?}"
+            );
+        }
+        assert!(errors(&|e| e.model.deep_supervision = Some(0.5)).is_empty());
+        let m = errors(&|e| {
+            e.model.arch = Arch::Deeplabv3;
+            e.model.attention = Some(Attention::Spatial);
+        });
+        assert!(
+            m.len() == 1 && m[0].0 == "model.attention" && m[0].1.contains("unet"),
+            "{m:?}"
+        );
+        // Unset, the `model` section reads as before the options existed, so the train stage
+        // keys of every experiment without them are unchanged.
+        let model = Experiment::template().value_at("model").unwrap();
+        let keys: Vec<&String> = model.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "arch",
+                "backbone",
+                "num_classes",
+                "pretrained",
+                "upsample",
+                "widths"
+            ]
+        );
+        let file = "name = \"s\"\n[model]\narch = \"unet\"\nattention = \"spatial\"\n\
+                    [model.dropblock]\ndrop = 0.15\n";
+        let e: Experiment = toml::from_str(file).unwrap();
+        assert_eq!(
+            e.model.dropblock,
+            Some(DropBlock {
+                drop: 0.15,
+                size: 7
+            })
+        );
+        assert_eq!(e.model.attention, Some(Attention::Spatial));
     }
 }

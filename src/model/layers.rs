@@ -509,6 +509,22 @@ impl ConvBnRelu {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         conv_bn(&self.conv, &self.bn, x, pass, true)
     }
+
+    /// Convolution → `drop` (if any) → BatchNorm → ReLU.
+    pub fn forward_dropped(
+        &self,
+        x: &Tensor,
+        pass: Pass,
+        drop: Option<&DropBlock>,
+    ) -> Result<Tensor> {
+        match drop {
+            None => self.forward(x, pass),
+            Some(d) => {
+                self.bn
+                    .forward_fresh(d.forward(&self.conv.forward(x, pass)?, pass)?, pass, true)
+            }
+        }
+    }
 }
 
 /// `nn.Dropout(p)` with its own seeded RNG: in training each element is zeroed with probability
@@ -560,4 +576,114 @@ impl Dropout {
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x.mul(&mask)
     }
+}
+
+/// DropBlock (Ghiasi et al., NeurIPS 2018) as SA-UNet places it, after a convolution and
+/// before its BatchNorm. In training, every channel of every sample gets its own mask: block
+/// corners are drawn with probability γ among the positions where a `b`×`b` block fits
+/// (`b` = `size`, or the map's side where that is smaller), every block is zeroed, and the
+/// survivors are scaled by (elements / kept) so that the sum is kept in expectation, like
+/// `keras-dropblock`, which SA-UNet uses. γ = drop/b² · HW/((H−b+1)(W−b+1)) makes the
+/// expected dropped fraction `drop` when blocks do not overlap. In evaluation it is the
+/// identity.
+///
+/// Masks are a function of the step's seed ([`DropBlock::reseed`]), the layer's `id` and the
+/// channel plane only, so that they do not depend on the number of threads, and a resumed run
+/// draws the masks of an uninterrupted one.
+#[derive(Debug)]
+pub struct DropBlock {
+    pub drop: f64,
+    pub size: usize,
+    id: u64,
+    seed: std::sync::atomic::AtomicU64,
+}
+
+impl Clone for DropBlock {
+    fn clone(&self) -> Self {
+        let seed = self.seed.load(Ordering::Relaxed);
+        Self {
+            drop: self.drop,
+            size: self.size,
+            id: self.id,
+            seed: seed.into(),
+        }
+    }
+}
+
+impl DropBlock {
+    /// `id` tells this layer's masks from the other layers' in the same step.
+    pub fn new(drop: f64, size: usize, id: u64) -> Self {
+        Self {
+            drop,
+            size: size.max(1),
+            id,
+            seed: 0.into(),
+        }
+    }
+
+    /// Seed the next masks (the trainer reseeds every step).
+    pub fn reseed(&self, seed: u64) {
+        self.seed.store(seed, Ordering::Relaxed);
+    }
+
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        if pass != Pass::Train || self.drop <= 0.0 {
+            return Ok(x.clone());
+        }
+        let (n, c, h, w) = x.dims4()?;
+        let seed = self.seed.load(Ordering::Relaxed) ^ self.id.rotate_left(40);
+        let mask = dropblock_mask(n * c, h, w, self.drop, self.size, seed);
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+/// The scaled masks of [`DropBlock`] for `planes` planes of `h`×`w`, row-major.
+pub fn dropblock_mask(
+    planes: usize,
+    h: usize,
+    w: usize,
+    drop: f64,
+    size: usize,
+    seed: u64,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut m = vec![1f32; planes * h * w];
+    if planes == 0 || h == 0 || w == 0 || drop <= 0.0 {
+        return m;
+    }
+    let b = size.min(h).min(w).max(1);
+    let (ph, pw) = (h - b + 1, w - b + 1);
+    let gamma = drop / (b * b) as f64 * (h * w) as f64 / (ph * pw) as f64;
+    m.par_chunks_mut(h * w).enumerate().for_each(|(p, plane)| {
+        let mut rng = StdRng::seed_from_u64(seed ^ p as u64);
+        // The corners are Bernoulli(γ) draws over the ph·pw positions, drawn as the geometric
+        // gaps between successes: one random number per block instead of one per position.
+        let ln_miss = (1.0 - gamma.min(1.0)).ln();
+        let mut at = 0usize;
+        loop {
+            if gamma < 1.0 {
+                let u = 1.0 - rng.random::<f64>(); // (0, 1]
+                let gap = (u.ln() / ln_miss).floor();
+                if gap >= (ph * pw - at) as f64 {
+                    break;
+                }
+                at += gap as usize;
+            }
+            if at >= ph * pw {
+                break;
+            }
+            let (r0, c0) = (at / pw, at % pw);
+            for r in r0..r0 + b {
+                plane[r * w + c0..r * w + c0 + b].fill(0.0);
+            }
+            at += 1;
+        }
+    });
+    let kept = m.iter().filter(|&&v| v != 0.0).count();
+    if kept > 0 {
+        let scale = m.len() as f32 / kept as f32;
+        m.iter_mut().for_each(|v| *v *= scale);
+    }
+    m
 }

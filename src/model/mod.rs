@@ -69,6 +69,7 @@ impl SegModel {
             )),
             Arch::Unet => Net::UNet(
                 UNet::new(&mut b, &cfg.widths, cfg.upsample, cfg.num_classes)
+                    .and_then(|u| u.with_options(&mut b, cfg))
                     .context("building unet")?,
             ),
         };
@@ -95,6 +96,15 @@ impl SegModel {
     /// activations instead of all of them). Bitwise equal to `forward(x, false)`.
     pub fn infer(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.forward_pass(x, Pass::Infer)
+    }
+
+    /// The training forward: the logits to train on with their loss weights, the main head's
+    /// (weight 1) first. Only a U-Net with `model.deep_supervision` has more than one.
+    pub fn forward_supervised(&self, x: &Tensor) -> candle_core::Result<Vec<(Tensor, f64)>> {
+        match &self.net {
+            Net::UNet(m) => m.forward_supervised(x, Pass::Train),
+            _ => Ok(vec![(self.forward_pass(x, Pass::Train)?, 1.0)]),
+        }
     }
 
     /// The forward pass of the given kind (see [`Pass`]).
@@ -130,10 +140,11 @@ impl SegModel {
         }
     }
 
-    /// Reseed every dropout layer's mask generator (deterministic resume).
+    /// Reseed every dropout and DropBlock layer's mask generator (deterministic resume).
     pub fn reseed_dropout(&self, seed: u64) {
-        if let Net::DeepLabV3(m) = &self.net {
-            m.classifier.aspp.dropout.reseed(seed);
+        match &self.net {
+            Net::DeepLabV3(m) => m.classifier.aspp.dropout.reseed(seed),
+            Net::UNet(m) => m.dropblocks().for_each(|d| d.reseed(seed)),
         }
     }
 

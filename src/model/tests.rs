@@ -7,11 +7,11 @@ use std::path::Path;
 use candle_core::{DType, Device, IndexOp, Tensor};
 
 use super::checkpoint::{self, Preprocess};
-use super::layers::Dropout;
+use super::layers::{dropblock_mask, DropBlock, Dropout};
 use super::ops::max_abs_diff;
 use super::resnet::{Block, ResNet};
 use super::{Net, Pass, SegModel};
-use crate::config::schema::{Arch, Backbone, ModelConfig, Normalize, Upsample};
+use crate::config::schema::{Arch, Attention, Backbone, ModelConfig, Normalize, Upsample};
 
 fn deeplab(backbone: Backbone) -> ModelConfig {
     ModelConfig {
@@ -234,6 +234,157 @@ fn dropout_is_identity_in_eval_and_seeded_in_training() {
     assert_eq!(y, again);
 }
 
+/// DropBlock's masks: zeros come in whole b×b squares inside the plane, about `drop` of the
+/// activations are zeroed, the survivors carry (elements / kept) so that the sum is kept
+/// exactly, and the masks depend on the seed and the plane, not on the number of threads.
+#[test]
+fn dropblock_masks_drop_whole_blocks_at_the_asked_rate() {
+    let (planes, h, w, b) = (48, 40, 36, 5);
+    let m = dropblock_mask(planes, h, w, 0.1, b, 3);
+    let zero = |p: usize, r: usize, c: usize| m[(p * h + r) * w + c] == 0.0;
+    for p in 0..planes {
+        for r in 0..h {
+            for c in 0..w {
+                if !zero(p, r, c) {
+                    continue;
+                }
+                // Some b×b square inside the plane that holds (r, c) is all zeros.
+                let covered = (r.saturating_sub(b - 1)..=r.min(h - b)).any(|r0| {
+                    (c.saturating_sub(b - 1)..=c.min(w - b))
+                        .any(|c0| (r0..r0 + b).all(|i| (c0..c0 + b).all(|j| zero(p, i, j))))
+                });
+                assert!(
+                    covered,
+                    "plane {p}: ({r}, {c}) is zero outside any whole block"
+                );
+            }
+        }
+    }
+    let kept = m.iter().filter(|&&v| v != 0.0).count();
+    let dropped = 1.0 - kept as f64 / m.len() as f64;
+    // Overlapping blocks drop a little less than γ·b² per corner: 1 − e^(−0.1) ≈ 0.095.
+    assert!((0.08..0.105).contains(&dropped), "dropped {dropped}");
+    let scale = m.len() as f32 / kept as f32;
+    assert!(m.iter().all(|&v| v == 0.0 || v == scale));
+    let sum: f64 = m.iter().map(|&v| f64::from(v)).sum();
+    assert!(
+        (sum / m.len() as f64 - 1.0).abs() < 1e-5,
+        "mean {}",
+        sum / m.len() as f64
+    );
+    // Planes differ from each other, seeds from each other; threads change nothing.
+    assert_ne!(m[..h * w], m[h * w..2 * h * w]);
+    assert_ne!(m, dropblock_mask(planes, h, w, 0.1, b, 4));
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    assert_eq!(m, one.install(|| dropblock_mask(planes, h, w, 0.1, b, 3)));
+    // A block larger than the map shrinks to it; drop 0 keeps everything.
+    let small = dropblock_mask(64, 3, 3, 0.5, 7, 1);
+    assert!(small
+        .chunks(9)
+        .all(|p| p.iter().all(|&v| v == 0.0) || p.iter().all(|&v| v != 0.0)));
+    assert!(small.contains(&0.0));
+    assert!(dropblock_mask(2, 8, 8, 0.0, 3, 1).iter().all(|&v| v == 1.0));
+}
+
+#[test]
+fn dropblock_is_identity_outside_training_and_follows_its_seed() {
+    let x = Tensor::rand(0f32, 1f32, (2, 3, 16, 16), &Device::Cpu).unwrap();
+    let d = DropBlock::new(0.2, 3, 5);
+    d.reseed(9);
+    for pass in [Pass::Eval, Pass::Infer] {
+        assert_eq!(max_abs_diff(&d.forward(&x, pass).unwrap(), &x), 0.0);
+    }
+    let y = d.forward(&x, Pass::Train).unwrap();
+    let seed = 9 ^ 5u64.rotate_left(40);
+    let mask = Tensor::from_vec(
+        dropblock_mask(6, 16, 16, 0.2, 3, seed),
+        (2, 3, 16, 16),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(max_abs_diff(&y, &(&x * &mask).unwrap()), 0.0);
+    assert_eq!(max_abs_diff(&y, &d.forward(&x, Pass::Train).unwrap()), 0.0);
+    d.reseed(10);
+    assert!(max_abs_diff(&y, &d.forward(&x, Pass::Train).unwrap()) > 0.0);
+    // Another layer (id) in the same step draws other masks.
+    let other = DropBlock::new(0.2, 3, 6);
+    other.reseed(9);
+    assert!(max_abs_diff(&y, &other.forward(&x, Pass::Train).unwrap()) > 0.0);
+}
+
+/// The spatial attention against the formula written out: channel mean and max, the 7×7
+/// convolution (zero padding 3) by loops, the sigmoid, the product.
+#[test]
+fn spatial_attention_matches_its_formula() {
+    let cfg = ModelConfig {
+        attention: Some(Attention::Spatial),
+        ..unet(&[4, 8], Upsample::Transpose)
+    };
+    let m = SegModel::new(&cfg, &Device::Cpu, 3).unwrap();
+    let Net::UNet(u) = m.net() else {
+        panic!("not a U-Net")
+    };
+    let a = u.attention.as_ref().expect("attention built");
+    let sd: HashMap<String, Tensor> = m.state_dict().unwrap().into_iter().collect();
+    assert_eq!(sd["attention.weight"].dims(), &[1, 2, 7, 7]);
+    let (c, h, w) = (5, 6, 9);
+    let x = Tensor::randn(0f32, 1f32, (1, c, h, w), &Device::Cpu).unwrap();
+    let got: Vec<f32> = a
+        .forward(&x, Pass::Eval)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let xs: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let k: Vec<f32> = sd["attention.weight"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let at = |ch: usize, r: usize, col: usize| xs[(ch * h + r) * w + col];
+    let pooled = |which: usize, r: usize, col: usize| -> f32 {
+        let v = (0..c).map(|ch| at(ch, r, col));
+        if which == 0 {
+            v.sum::<f32>() / c as f32
+        } else {
+            v.fold(f32::MIN, f32::max)
+        }
+    };
+    for r in 0..h {
+        for col in 0..w {
+            let mut s = 0f32;
+            for which in 0..2 {
+                for i in 0..7 {
+                    for j in 0..7 {
+                        let (rr, cc) = (r as isize + i as isize - 3, col as isize + j as isize - 3);
+                        if rr >= 0 && cc >= 0 && (rr as usize) < h && (cc as usize) < w {
+                            s +=
+                                k[which * 49 + i * 7 + j] * pooled(which, rr as usize, cc as usize);
+                        }
+                    }
+                }
+            }
+            let gate = 1.0 / (1.0 + (-s).exp());
+            for ch in 0..c {
+                let want = at(ch, r, col) * gate;
+                let g = got[(ch * h + r) * w + col];
+                assert!((g - want).abs() < 1e-5, "({ch}, {r}, {col}): {g} vs {want}");
+            }
+        }
+    }
+    // The model without the option has neither the key nor the module.
+    let plain = SegModel::new(&unet(&[4, 8], Upsample::Transpose), &Device::Cpu, 3).unwrap();
+    assert!(plain
+        .state_dict()
+        .unwrap()
+        .iter()
+        .all(|(k, _)| !k.starts_with("attention")));
+}
+
 #[test]
 fn checkpoint_round_trip_gives_identical_logits() {
     let dir = tempfile::tempdir().unwrap();
@@ -432,6 +583,47 @@ fn every_trainable_parameter_gets_a_gradient() {
     }
     let y = m.forward(&input(2, 64, 64), true).unwrap();
     assert_gradients(&m, &y.sqr().unwrap().mean_all().unwrap());
+}
+
+/// Deep supervision: an auxiliary head on every decoder level but the last, each output at the
+/// input's size, weighted 1, d, d², …; the main output is the plain forward's; every parameter,
+/// the auxiliary heads' included, gets a gradient from the supervised outputs.
+#[test]
+fn deep_supervision_outputs_and_gradients() {
+    let cfg = ModelConfig {
+        deep_supervision: Some(0.5),
+        ..unet(&[4, 8, 16, 32], Upsample::Transpose)
+    };
+    let m = SegModel::new(&cfg, &Device::Cpu, 2).unwrap();
+    let sd: HashMap<String, Tensor> = m.state_dict().unwrap().into_iter().collect();
+    assert_eq!(sd["aux.0.weight"].dims(), &[2, 16, 1, 1]);
+    assert_eq!(sd["aux.1.weight"].dims(), &[2, 8, 1, 1]);
+    assert!(!sd.contains_key("aux.2.weight"));
+    let x = input(2, 32, 32);
+    let outs = m.forward_supervised(&x).unwrap();
+    let weights: Vec<f64> = outs.iter().map(|(_, w)| *w).collect();
+    assert_eq!(weights, [1.0, 0.5, 0.25]);
+    for (o, _) in &outs {
+        assert_eq!(o.dims(), &[2, 2, 32, 32]);
+    }
+    let plain = m.forward(&x, true).unwrap();
+    assert_eq!(max_abs_diff(&outs[0].0, &plain), 0.0);
+    assert!(max_abs_diff(&outs[1].0, &plain) > 0.0);
+    let loss = outs
+        .iter()
+        .map(|(o, _)| o.sqr().unwrap().mean_all().unwrap())
+        .reduce(|a, b| (a + b).unwrap())
+        .unwrap();
+    assert_gradients(&m, &loss);
+    // Inference ignores the heads: the same logits as without them, given the same weights.
+    let base = SegModel::new(&unet(&[4, 8, 16, 32], Upsample::Transpose), &Device::Cpu, 2).unwrap();
+    let mut own = sd.clone();
+    own.retain(|k, _| !k.starts_with("aux."));
+    base.load_state_dict(&own).unwrap();
+    assert_eq!(
+        max_abs_diff(&base.infer(&x).unwrap(), &m.infer(&x).unwrap()),
+        0.0
+    );
 }
 
 #[test]

@@ -3,20 +3,31 @@
 //! or bilinear ×2 followed by a 1×1 conv when `upsample = "bilinear"`), `dec.j.{0,1,3,4}`
 //! (the same double block on the concatenation `[up(x), skip]`) and `head` (1×1 conv).
 //!
+//! Options, all off by default:
+//! - SA-UNet's (Guo et al., ICPR 2020), whose backbone is this net: DropBlock between every 3×3
+//!   convolution and its BatchNorm (`model.dropblock`, no parameters), and a spatial attention
+//!   between the bottleneck's two convolutions (`model.attention = "spatial"`, key
+//!   `attention.weight`, a 7×7 convolution 2 → 1 without bias);
+//! - deep supervision (`model.deep_supervision`): 1×1 heads `aux.j` on the decoder levels
+//!   below full resolution, trained through [`UNet::forward_supervised`], unused in inference.
+//!
 //! Levels are separated by 2×2 max pooling, so inputs must be a multiple of
 //! [`UNet::stride`] = 2^(levels-1).
 
 use candle_core::{Result, Tensor};
 
-use super::layers::{join, Builder, Conv2d, ConvBnRelu, ConvTranspose2d, Init, Pass};
+use super::layers::{join, Builder, Conv2d, ConvBnRelu, ConvTranspose2d, DropBlock, Init, Pass};
 use super::ops;
-use crate::config::schema::Upsample;
+use crate::config::schema::{self, Attention, Upsample};
 
-/// `block(i, o)`: two conv3×3 (no bias) + BN + ReLU, keys `0`, `1` and `3`, `4`.
+/// `block(i, o)`: two conv3×3 (no bias) + BN + ReLU, keys `0`, `1` and `3`, `4`; with
+/// `model.dropblock`, a [`DropBlock`] between each convolution and its BatchNorm.
 #[derive(Clone, Debug)]
 pub struct DoubleConv {
     pub first: ConvBnRelu,
     pub second: ConvBnRelu,
+    /// The DropBlocks after `first.conv` and `second.conv`.
+    pub drops: Option<[DropBlock; 2]>,
 }
 
 impl DoubleConv {
@@ -38,11 +49,43 @@ impl DoubleConv {
         };
         let first = unit("0", "1", cin)?;
         let second = unit("3", "4", cout)?;
-        Ok(Self { first, second })
+        Ok(Self {
+            first,
+            second,
+            drops: None,
+        })
+    }
+
+    /// The first unit: conv, DropBlock, BN, ReLU.
+    pub fn forward_first(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        self.first
+            .forward_dropped(x, pass, self.drops.as_ref().map(|d| &d[0]))
+    }
+
+    /// The second unit.
+    pub fn forward_second(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        self.second
+            .forward_dropped(x, pass, self.drops.as_ref().map(|d| &d[1]))
     }
 
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        self.second.forward(&self.first.forward(x, pass)?, pass)
+        self.forward_second(&self.forward_first(x, pass)?, pass)
+    }
+}
+
+/// SA-UNet's spatial attention: `x · σ(conv7×7([mean_c(x), max_c(x)]))`, the map shared by
+/// all channels (PyTorch: `torch.cat([x.mean(1, True), x.amax(1, True)], 1)`, `Conv2d(2, 1, 7,
+/// padding=3, bias=False)`, `sigmoid`, broadcast multiply).
+#[derive(Clone, Debug)]
+pub struct SpatialAttention {
+    pub conv: Conv2d,
+}
+
+impl SpatialAttention {
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let pooled = Tensor::cat(&[x.mean_keepdim(1)?, x.max_keepdim(1)?], 1)?;
+        let map = candle_nn::ops::sigmoid(&self.conv.forward(&pooled, pass)?)?;
+        x.broadcast_mul(&map)
     }
 }
 
@@ -74,6 +117,12 @@ pub struct UNet {
     pub ups: Vec<Up>,
     pub dec: Vec<DoubleConv>,
     pub head: Conv2d,
+    /// Between the bottleneck's two units (`model.attention = "spatial"`).
+    pub attention: Option<SpatialAttention>,
+    /// Deep supervision's 1×1 heads on `dec.0 ..` (all but the last decoder level), and the
+    /// weight decay per halving of the resolution (`model.deep_supervision`).
+    pub aux: Vec<Conv2d>,
+    pub aux_decay: f64,
 }
 
 impl UNet {
@@ -133,7 +182,50 @@ impl UNet {
             ups,
             dec,
             head,
+            attention: None,
+            aux: Vec::new(),
+            aux_decay: 0.0,
         })
+    }
+
+    /// Adds the options of `model.dropblock`, `model.attention` and `model.deep_supervision`
+    /// (none: unchanged).
+    pub fn with_options(mut self, b: &mut Builder, cfg: &schema::ModelConfig) -> Result<Self> {
+        if let Some(d) = cfg.dropblock {
+            let mut id = 0u64;
+            for block in self.downs.iter_mut().chain(self.dec.iter_mut()) {
+                block.drops = Some([
+                    DropBlock::new(d.drop, d.size, id),
+                    DropBlock::new(d.drop, d.size, id + 1),
+                ]);
+                id += 2;
+            }
+        }
+        if let Some(Attention::Spatial) = cfg.attention {
+            let conv = b.conv2d("attention", 2, 1, 7, 1, 3, 1, false, Init::TorchDefault)?;
+            self.attention = Some(SpatialAttention { conv });
+        }
+        if let Some(decay) = cfg.deep_supervision {
+            let classes = self.head.weight.dims()[0];
+            let levels = cfg.widths.len();
+            for j in 0..levels.saturating_sub(2) {
+                let c = cfg.widths[levels - 2 - j];
+                let name = format!("aux.{j}");
+                self.aux
+                    .push(b.conv2d(&name, c, classes, 1, 1, 0, 1, true, Init::TorchDefault)?);
+            }
+            self.aux_decay = decay;
+        }
+        Ok(self)
+    }
+
+    /// Every DropBlock, encoder then decoder.
+    pub fn dropblocks(&self) -> impl Iterator<Item = &DropBlock> {
+        self.downs
+            .iter()
+            .chain(&self.dec)
+            .filter_map(|b| b.drops.as_ref())
+            .flatten()
     }
 
     /// Side multiple the input must have: 2^(levels-1).
@@ -143,6 +235,17 @@ impl UNet {
 
     /// [N, 3, H, W] → logits [N, num_classes, H, W]; H and W must be multiples of [`Self::stride`].
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        Ok(self.forward_levels(x, pass, false)?.swap_remove(0).0)
+    }
+
+    /// The logits to train on with their loss weights: the main head's (weight 1) first, then,
+    /// with deep supervision, each auxiliary head's upsampled bilinearly to the input's size
+    /// (weight decay^k at 1/2^k of the resolution, finest first).
+    pub fn forward_supervised(&self, x: &Tensor, pass: Pass) -> Result<Vec<(Tensor, f64)>> {
+        self.forward_levels(x, pass, true)
+    }
+
+    fn forward_levels(&self, x: &Tensor, pass: Pass, aux: bool) -> Result<Vec<(Tensor, f64)>> {
         let (_, _, h, w) = x.dims4()?;
         let s = self.stride();
         if h % s != 0 || w % s != 0 {
@@ -152,18 +255,32 @@ impl UNet {
         let mut x = x.clone();
         let last = self.downs.len() - 1;
         for (i, down) in self.downs.iter().enumerate() {
-            x = down.forward(&x, pass)?;
+            x = match (&self.attention, i == last) {
+                (Some(a), true) => {
+                    down.forward_second(&a.forward(&down.forward_first(&x, pass)?, pass)?, pass)?
+                }
+                _ => down.forward(&x, pass)?,
+            };
             if i < last {
                 skips.push(x.clone());
                 x = ops::max_pool2d(&x, 2, 2, 0)?;
             }
         }
-        for (up, dec) in self.ups.iter().zip(&self.dec) {
+        let mut outs = Vec::new();
+        let levels = self.dec.len();
+        for (j, (up, dec)) in self.ups.iter().zip(&self.dec).enumerate() {
             let skip = skips
                 .pop()
                 .ok_or_else(|| candle_core::Error::Msg("U-Net: no skip left".into()))?;
             x = dec.forward(&Tensor::cat(&[up.forward(&x, pass)?, skip], 1)?, pass)?;
+            if let (true, Some(head)) = (aux, self.aux.get(j)) {
+                let k = levels - 1 - j; // this level is at 1/2^k of the input's resolution
+                let logits = ops::resize_bilinear(&head.forward(&x, pass)?, h, w)?;
+                outs.push((logits, self.aux_decay.powi(k as i32)));
+            }
         }
-        self.head.forward(&x, pass)
+        outs.push((self.head.forward(&x, pass)?, 1.0));
+        outs.reverse();
+        Ok(outs)
     }
 }

@@ -34,6 +34,28 @@ pub fn loss_fn(exp: &Experiment, logits: &Tensor, labels: &[u8]) -> Result<Tenso
     composite_loss(exp, logits, labels, &weights)
 }
 
+/// The loss of the training forward's outputs: [`loss_fn`] of the main logits, or with deep
+/// supervision the weighted mean of every output's loss (`model.deep_supervision`).
+pub fn supervised_loss(
+    exp: &Experiment,
+    outputs: &[(Tensor, f64)],
+    labels: &[u8],
+) -> Result<Tensor> {
+    if let [(logits, _)] = outputs {
+        return loss_fn(exp, logits, labels);
+    }
+    let total: f64 = outputs.iter().map(|(_, w)| w).sum();
+    let mut sum: Option<Tensor> = None;
+    for (logits, w) in outputs {
+        let term = (loss_fn(exp, logits, labels)? * (w / total))?;
+        sum = Some(match sum {
+            None => term,
+            Some(s) => (s + term)?,
+        });
+    }
+    sum.ok_or_else(|| anyhow::anyhow!("the model gave no output to train on"))
+}
+
 /// `train.class_weights`, or 1 for each of the `c` classes.
 fn class_weights(exp: &Experiment, c: usize) -> Vec<f32> {
     if exp.train.class_weights.is_empty() {
@@ -498,6 +520,44 @@ mod tests {
         for threads in [2, 3] {
             assert!(run(threads) == one, "{threads} threads differ from one");
         }
+    }
+
+    /// Deep supervision's loss is the weighted mean of each output's loss; one output is
+    /// the plain loss.
+    #[test]
+    fn supervised_loss_is_the_weighted_mean() {
+        let mut exp = Experiment::template();
+        exp.train.loss = Loss::CeDice;
+        let z = |seed: u64| {
+            let v: Vec<f32> = (0..2 * 2 * 4 * 4)
+                .map(|i| ((i as u64 * 7 + seed * 13) % 11) as f32 / 5.0 - 1.0)
+                .collect();
+            Tensor::from_vec(v, (2, 2, 4, 4), &Device::Cpu).unwrap()
+        };
+        let labels: Vec<u8> = (0..2 * 4 * 4).map(|i| (i % 3 == 0) as u8).collect();
+        let l = |t: &Tensor| {
+            loss_fn(&exp, t, &labels)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let (a, b, c) = (z(1), z(2), z(3));
+        let got = supervised_loss(
+            &exp,
+            &[(a.clone(), 1.0), (b.clone(), 0.5), (c.clone(), 0.25)],
+            &labels,
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+        let want = (l(&a) + 0.5 * l(&b) + 0.25 * l(&c)) / 1.75;
+        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        assert!(
+            (l(&a) - l(&b)).abs() > 1e-3,
+            "the outputs must differ for the test to mean anything"
+        );
+        let one = supervised_loss(&exp, &[(a.clone(), 1.0)], &labels).unwrap();
+        assert_eq!(one.to_scalar::<f32>().unwrap(), l(&a));
     }
 
     /// The train stage's entry point takes the fused op on the CPU, the composition where the

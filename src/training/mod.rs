@@ -20,7 +20,7 @@ pub mod schedule;
 
 pub use batch::{build_batch, image_stats, mix, Batch};
 pub use ema::Ema;
-pub use loss::{loss_fn, plain_ce};
+pub use loss::{loss_fn, plain_ce, supervised_loss};
 pub use optim::Optimizer;
 pub use rss::{peak_rss_mib, reset_peak_rss};
 pub use schedule::lr_at;

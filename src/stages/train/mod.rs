@@ -61,8 +61,8 @@ use crate::predict::{argmax_u8, mode_for, Mode, Predictor};
 use crate::progress::{Bar, Progress};
 pub use crate::report::PeriodRow;
 use crate::training::{
-    build_batch, image_stats, loss_fn, lr_at, mix, peak_rss_mib, plain_ce, reset_peak_rss, Batch,
-    Ema, Optimizer,
+    build_batch, image_stats, lr_at, mix, peak_rss_mib, plain_ce, reset_peak_rss, supervised_loss,
+    Batch, Ema, Optimizer,
 };
 
 pub struct Train;
@@ -647,8 +647,9 @@ fn optimiser_step(
     s.model
         .reseed_dropout(mix(&[exp.train.seed, 3, step as u64]));
     let x = Tensor::from_vec(b.x, (b.n, 3, b.h, b.w), &s.device)?;
-    let logits = s.model.forward(&x, true)?;
-    let loss = loss_fn(exp, &logits, &b.y)?;
+    let outputs = s.model.forward_supervised(&x)?;
+    let logits = outputs[0].0.clone();
+    let loss = supervised_loss(exp, &outputs, &b.y)?;
     let lv = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     if !lv.is_finite() {
         bail!("the loss became {lv} at step {step}; lower train.lr?");
