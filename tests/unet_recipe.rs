@@ -139,37 +139,14 @@ fn the_threshold_picked_on_the_train_images_is_stored_and_used_by_evaluate_and_i
     let input = p.path().join("in.png");
     img.save(&input).unwrap();
     let (model, meta) = checkpoint::load(&ckpt, &candle_core::Device::Cpu).unwrap();
-    let probs = Predictor {
-        model: &model,
-        normalize: meta.preprocess.normalize,
-        mode: mode_for(&meta.preprocess, 0, 0),
-        tta: Tta::None,
-    }
-    .probs(img)
-    .unwrap();
+    let probs = whole_image_probs(&model, &meta, img);
     for (args, t) in [(vec![], chosen.value), (vec!["--threshold", "0.5"], 0.5)] {
-        let out_dir = p.path().join(format!("out{t}"));
-        let mut a = vec![
-            "infer",
-            "--device",
-            "cpu",
-            "--model",
-            ckpt.to_str().unwrap(),
-            "--out",
-            out_dir.to_str().unwrap(),
-            "--input",
-            input.to_str().unwrap(),
-        ];
-        a.extend(args);
-        let out = p.run(&a);
-        let log = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{log}");
+        let (log, mask) = infer_one(&p, &ckpt, &input, &format!("out{t}"), &args);
         assert_eq!(
             log.contains("from the checkpoint"),
             t == chosen.value,
             "threshold {t}:\n{log}"
         );
-        let mask = image::open(out_dir.join("in_mask.png")).unwrap().to_luma8();
         let expect: Vec<u8> = probs
             .iter()
             .map(|&q| if q >= t { 255 } else { 0 })
@@ -288,17 +265,46 @@ fn a_zoomed_recipe_trains_zoomed_and_answers_at_native_resolution() {
     let img = &ds.test[0].original().image;
     let input = p.path().join("in.png");
     img.save(&input).unwrap();
-    let probs = Predictor {
-        model: &model,
+    let probs = whole_image_probs(&model, &meta, img);
+    assert_eq!(probs.len(), (img.width() * img.height()) as usize);
+    let (log, mask) = infer_one(&p, &ckpt, &input, "out", &[]);
+    assert!(log.contains("zoomed by 1.5"), "{log}");
+    assert_eq!(mask.dimensions(), img.dimensions());
+    let expect: Vec<u8> = probs
+        .iter()
+        .map(|&q| if q >= 0.5 { 255 } else { 0 })
+        .collect();
+    assert_eq!(mask.as_raw(), &expect);
+}
+
+/// The checkpoint's probabilities for `img`: whole image, no TTA, as `driveline infer` with its
+/// defaults computes them.
+fn whole_image_probs(
+    model: &driveline::model::SegModel,
+    meta: &checkpoint::CheckpointMeta,
+    img: &image::RgbImage,
+) -> Vec<f32> {
+    Predictor {
+        model,
         normalize: meta.preprocess.normalize,
         mode: mode_for(&meta.preprocess, 0, 0),
         tta: Tta::None,
     }
     .probs(img)
-    .unwrap();
-    assert_eq!(probs.len(), (img.width() * img.height()) as usize);
-    let out_dir = p.path().join("out");
-    let out = p.run(&[
+    .unwrap()
+}
+
+/// `driveline infer` of one image on the CPU into `<project>/<out>`, with `extra` arguments:
+/// its log (it must succeed) and the mask it wrote.
+fn infer_one(
+    p: &Project,
+    ckpt: &Path,
+    input: &Path,
+    out: &str,
+    extra: &[&str],
+) -> (String, image::GrayImage) {
+    let out_dir = p.path().join(out);
+    let mut args = vec![
         "infer",
         "--device",
         "cpu",
@@ -308,15 +314,14 @@ fn a_zoomed_recipe_trains_zoomed_and_answers_at_native_resolution() {
         out_dir.to_str().unwrap(),
         "--input",
         input.to_str().unwrap(),
-    ]);
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{log}");
-    assert!(log.contains("zoomed by 1.5"), "{log}");
-    let mask = image::open(out_dir.join("in_mask.png")).unwrap().to_luma8();
-    assert_eq!(mask.dimensions(), img.dimensions());
-    let expect: Vec<u8> = probs
-        .iter()
-        .map(|&q| if q >= 0.5 { 255 } else { 0 })
-        .collect();
-    assert_eq!(mask.as_raw(), &expect);
+    ];
+    args.extend(extra);
+    let run = p.run(&args);
+    let log = String::from_utf8_lossy(&run.stderr).into_owned();
+    assert!(run.status.success(), "{log}");
+    let stem = input.file_stem().unwrap().to_str().unwrap();
+    let mask = image::open(out_dir.join(format!("{stem}_mask.png")))
+        .unwrap()
+        .to_luma8();
+    (log, mask)
 }
