@@ -119,10 +119,16 @@ pub struct UNet {
     pub head: Conv2d,
     /// Between the bottleneck's two units (`model.attention = "spatial"`).
     pub attention: Option<SpatialAttention>,
-    /// Deep supervision's 1×1 heads on `dec.0 ..` (all but the last decoder level), and the
-    /// weight decay per halving of the resolution (`model.deep_supervision`).
-    pub aux: Vec<Conv2d>,
-    pub aux_decay: f64,
+    /// `model.deep_supervision`.
+    pub deep_supervision: Option<DeepSupervision>,
+}
+
+/// Deep supervision's 1×1 heads `aux.j` on `dec.0 ..` (all but the last decoder level), and the
+/// loss weight's decay per halving of the resolution.
+#[derive(Clone, Debug)]
+pub struct DeepSupervision {
+    pub heads: Vec<Conv2d>,
+    pub decay: f64,
 }
 
 impl UNet {
@@ -183,8 +189,7 @@ impl UNet {
             dec,
             head,
             attention: None,
-            aux: Vec::new(),
-            aux_decay: 0.0,
+            deep_supervision: None,
         })
     }
 
@@ -208,13 +213,13 @@ impl UNet {
         if let Some(decay) = cfg.deep_supervision {
             let classes = self.head.weight.dims()[0];
             let levels = cfg.widths.len();
-            for j in 0..levels.saturating_sub(2) {
-                let c = cfg.widths[levels - 2 - j];
-                let name = format!("aux.{j}");
-                self.aux
-                    .push(b.conv2d(&name, c, classes, 1, 1, 0, 1, true, Init::TorchDefault)?);
-            }
-            self.aux_decay = decay;
+            let heads = (0..levels.saturating_sub(2))
+                .map(|j| {
+                    let (name, c) = (format!("aux.{j}"), cfg.widths[levels - 2 - j]);
+                    b.conv2d(&name, c, classes, 1, 1, 0, 1, true, Init::TorchDefault)
+                })
+                .collect::<Result<_>>()?;
+            self.deep_supervision = Some(DeepSupervision { heads, decay });
         }
         Ok(self)
     }
@@ -235,17 +240,29 @@ impl UNet {
 
     /// [N, 3, H, W] → logits [N, num_classes, H, W]; H and W must be multiples of [`Self::stride`].
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        Ok(self.forward_levels(x, pass, false)?.swap_remove(0).0)
+        let x = self.decode(x, pass, None)?;
+        self.head.forward(&x, pass)
     }
 
     /// The logits to train on with their loss weights: the main head's (weight 1) first, then,
     /// with deep supervision, each auxiliary head's upsampled bilinearly to the input's size
     /// (weight decay^k at 1/2^k of the resolution, finest first).
     pub fn forward_supervised(&self, x: &Tensor, pass: Pass) -> Result<Vec<(Tensor, f64)>> {
-        self.forward_levels(x, pass, true)
+        let mut outs = Vec::new();
+        let x = self.decode(x, pass, Some(&mut outs))?;
+        outs.push((self.head.forward(&x, pass)?, 1.0));
+        outs.reverse();
+        Ok(outs)
     }
 
-    fn forward_levels(&self, x: &Tensor, pass: Pass, aux: bool) -> Result<Vec<(Tensor, f64)>> {
+    /// The encoder and decoder: the last decoder level's features. With `aux` and deep
+    /// supervision, each auxiliary head's upsampled logits and weight are pushed, coarsest first.
+    fn decode(
+        &self,
+        x: &Tensor,
+        pass: Pass,
+        mut aux: Option<&mut Vec<(Tensor, f64)>>,
+    ) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let s = self.stride();
         if h % s != 0 || w % s != 0 {
@@ -266,21 +283,20 @@ impl UNet {
                 x = ops::max_pool2d(&x, 2, 2, 0)?;
             }
         }
-        let mut outs = Vec::new();
         let levels = self.dec.len();
         for (j, (up, dec)) in self.ups.iter().zip(&self.dec).enumerate() {
             let skip = skips
                 .pop()
                 .ok_or_else(|| candle_core::Error::Msg("U-Net: no skip left".into()))?;
             x = dec.forward(&Tensor::cat(&[up.forward(&x, pass)?, skip], 1)?, pass)?;
-            if let (true, Some(head)) = (aux, self.aux.get(j)) {
-                let k = levels - 1 - j; // this level is at 1/2^k of the input's resolution
-                let logits = ops::resize_bilinear(&head.forward(&x, pass)?, h, w)?;
-                outs.push((logits, self.aux_decay.powi(k as i32)));
+            if let (Some(outs), Some(ds)) = (aux.as_deref_mut(), &self.deep_supervision) {
+                if let Some(head) = ds.heads.get(j) {
+                    let k = levels - 1 - j; // this level is at 1/2^k of the input's resolution
+                    let logits = ops::resize_bilinear(&head.forward(&x, pass)?, h, w)?;
+                    outs.push((logits, ds.decay.powi(k as i32)));
+                }
             }
         }
-        outs.push((self.head.forward(&x, pass)?, 1.0));
-        outs.reverse();
-        Ok(outs)
+        Ok(x)
     }
 }
