@@ -55,7 +55,7 @@ class FRNet(nn.Module):
     The full-resolution row runs through every column; the head reads its last node."""
     def __init__(self, c=(16, 32, 64, 128)):
         super().__init__()
-        self.c = c; D = len(c) - 1; self.D = D
+        D = len(c) - 1; self.D = D
         self.nodes = nn.ModuleDict(); self.ups = nn.ModuleDict(); self.downs = nn.ModuleDict()
         for j in range(2 * D + 1):
             for i in range(min(j, 2 * D - j) + 1):
